@@ -1,0 +1,3 @@
+"""Coppice: self-hosted sandboxes for untrusted code, served from warm pools."""
+
+__version__ = "0.1.0"

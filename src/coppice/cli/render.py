@@ -1,0 +1,68 @@
+"""Terminal output: progress for long operations, tables, one-line errors."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from coppice.store.records import EntryRecord
+
+out = Console()
+err = Console(stderr=True)
+
+
+class RichProgress:
+    """Draws the library's progress reports on stderr (stdout stays parseable)."""
+
+    def __init__(self) -> None:
+        self._bar = Progress(
+            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+            MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+            console=err, transient=False,
+        )
+        self._task: TaskID | None = None
+        self._started = time.monotonic()
+
+    def __enter__(self) -> RichProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        if self._task is not None:
+            self._bar.update(self._task, completed=self._bar.tasks[-1].total or 0)
+            self._bar.stop_task(self._task)
+        self._task = self._bar.add_task(name, total=total, detail="")
+
+    def advance(self, detail: str = "", step: int = 1) -> None:
+        if self._task is not None:
+            self._bar.update(self._task, advance=step, detail=detail[:60])
+
+    def note(self, message: str) -> None:
+        self._bar.console.print(message)
+
+
+def entries_table(entries: list[EntryRecord]) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("id", "template", "substrate", "state", "ip", "pid", "age"):
+        table.add_column(col)
+    now = time.time()
+    for e in entries:
+        pid = (e.handle or {}).get("pid")
+        table.add_row(e.id, e.template, e.substrate, e.state.value, e.ip,
+                      str(pid) if pid else "-", f"{now - e.created_at:.0f}s")
+    out.print(table)

@@ -1,0 +1,143 @@
+"""Settings: host paths, networks, limits. Defaults, then a TOML file, then environment.
+
+The file is `/etc/coppice/config.toml` (or `$COPPICE_CONFIG`); every key of `Settings` may
+appear at top level, and `COPPICE_<KEY>` environment variables override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coppice.errors import InvalidRequest
+
+DEFAULT_CONFIG_FILE = Path("/etc/coppice/config.toml")
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """One substrate's network: a bridge on the host, a /24, and the range entries draw from."""
+
+    bridge: str
+    subnet: str
+    first_host: int = 50
+    last_host: int = 249
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.network.network_address + 1
+
+    @property
+    def prefixlen(self) -> int:
+        return self.network.prefixlen
+
+    def host_addresses(self) -> list[ipaddress.IPv4Address]:
+        base = self.network.network_address
+        return [base + i for i in range(self.first_host, self.last_host + 1)]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-entry resource limits; a template may override any of them."""
+
+    memory_mb: int = 512
+    pids: int = 256
+    cpus: float = 1.0
+    disk_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: Path = Path("/var/lib/coppice")
+    run_dir: Path = Path("/run/coppice")
+    #: host-level download cache shared by every state dir (Debian packages for debootstrap)
+    cache_dir: Path = Path("/var/cache/coppice")
+    #: prefix of every host object Coppice owns (cgroups, network namespaces); lets a test
+    #: instance live beside a production one without either touching the other's objects
+    namespace: str = "coppice"
+    jail_network: NetworkSettings = field(
+        default_factory=lambda: NetworkSettings("coppicenet0", "10.78.0.0/24")
+    )
+    vm_network: NetworkSettings = field(
+        default_factory=lambda: NetworkSettings("coppbr0", "10.77.0.0/24")
+    )
+    limits: Limits = field(default_factory=Limits)
+    #: host uid/gid that root inside a jail maps to, and how many ids the jail gets
+    jail_uid_base: int = 1_000_000
+    jail_uid_count: int = 65536
+    #: Debian mirror for template builds; empty means the one the host's apt uses
+    debian_mirror: str = ""
+    ready_timeout_s: float = 30.0
+    #: how many entries one warm starts at the same time
+    spawn_parallelism: int = 8
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "coppice.db"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.state_dir / "templates"
+
+    @property
+    def build_cache_dir(self) -> Path:
+        return self.state_dir / "build-cache"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @property
+    def entries_dir(self) -> Path:
+        return self.run_dir / "entries"
+
+    @property
+    def deb_cache_dir(self) -> Path:
+        return self.cache_dir / "debs"
+
+    @classmethod
+    def load(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        path = Path(env.get("COPPICE_CONFIG", str(DEFAULT_CONFIG_FILE)))
+        if path.is_file():
+            try:
+                values.update(tomllib.loads(path.read_text()))
+            except tomllib.TOMLDecodeError as exc:
+                raise InvalidRequest(f"{path}: not valid TOML: {exc}") from exc
+        for f in dataclasses.fields(cls):
+            key = f"COPPICE_{f.name.upper()}"
+            if key in env:
+                values[f.name] = env[key]
+        return cls.from_mapping(values)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> Settings:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise InvalidRequest(f"unknown settings: {', '.join(sorted(unknown))}")
+        kwargs: dict[str, Any] = {}
+        for name, raw in values.items():
+            if name in ("state_dir", "run_dir", "cache_dir"):
+                kwargs[name] = Path(raw)
+            elif name in ("jail_network", "vm_network"):
+                kwargs[name] = NetworkSettings(**raw)
+            elif name == "limits":
+                kwargs[name] = Limits(**raw)
+            elif name in ("jail_uid_base", "jail_uid_count", "spawn_parallelism"):
+                kwargs[name] = int(raw)
+            elif name == "ready_timeout_s":
+                kwargs[name] = float(raw)
+            else:
+                kwargs[name] = str(raw)
+        return cls(**kwargs)

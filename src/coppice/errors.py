@@ -1,0 +1,115 @@
+"""The one exception tree of Coppice.
+
+Every failure a user can cause or meet is a `CoppiceError` with a message that names the fix.
+The CLI (and later the gateway) translate these at a single boundary; nothing below them
+prints or exits.
+"""
+
+from __future__ import annotations
+
+
+class CoppiceError(Exception):
+    """Base of every error Coppice raises on purpose."""
+
+    #: process exit status the CLI uses for this kind of error
+    exit_code = 1
+    #: HTTP status the gateway will map this kind of error to
+    http_status = 500
+
+
+class InvalidRequest(CoppiceError):
+    """The caller asked for something malformed or out of range."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class NotFound(CoppiceError):
+    http_status = 404
+
+
+class TemplateNotFound(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"template {name!r} is not built; run `coppice template build {name}` "
+            "(`coppice template list` shows what is built)"
+        )
+        self.name = name
+
+
+class UnknownRecipe(NotFound):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"no recipe named {name!r}; known recipes: {', '.join(sorted(known))}")
+
+
+class EntryNotFound(NotFound):
+    def __init__(self, entry_id: str) -> None:
+        super().__init__(
+            f"no pool entry {entry_id!r}; `coppice pool list` shows the entries there are"
+        )
+        self.entry_id = entry_id
+
+
+class Conflict(CoppiceError):
+    """The request clashes with the current state (returning twice, removing a busy template)."""
+
+    http_status = 409
+
+
+class IllegalTransition(Conflict):
+    def __init__(self, entry_id: str, state: str, event: str) -> None:
+        super().__init__(f"entry {entry_id} is {state}; cannot {event} it")
+        self.entry_id = entry_id
+        self.state = state
+        self.event = event
+
+
+class PoolExhausted(CoppiceError):
+    http_status = 429
+
+    def __init__(self, template: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(
+            f"no available entry in pool {template!r}; "
+            f"warm more with `coppice pool warm {template} --count N`"
+        )
+        self.template = template
+        self.retry_after_s = retry_after_s
+
+
+class CapacityExceeded(CoppiceError):
+    """No more addresses (or other finite host resources) for new entries."""
+
+    http_status = 429
+
+
+class PrerequisiteMissing(CoppiceError):
+    """The host lacks something Coppice needs; the message says how to get it."""
+
+    exit_code = 3
+
+
+class SubstrateError(CoppiceError):
+    """A sandbox could not be started, paused, resumed or destroyed."""
+
+    http_status = 502
+
+
+class SandboxDied(SubstrateError):
+    def __init__(self, entry_id: str, detail: str = "") -> None:
+        extra = f": {detail}" if detail else ""
+        super().__init__(f"sandbox {entry_id} is no longer running{extra}")
+        self.entry_id = entry_id
+
+
+class SandboxNotReady(SubstrateError):
+    """A sandbox started but did not answer its readiness probe in time."""
+
+
+class TemplateBuildError(CoppiceError):
+    pass
+
+
+class HostResourceExhausted(CoppiceError):
+    """Disk or memory on the host ran out (ENOSPC, ENOMEM)."""
+
+    http_status = 507

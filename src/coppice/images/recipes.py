@@ -1,0 +1,49 @@
+"""Template recipes: what goes into an image. A recipe's content decides its cache key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coppice.config import Limits
+from coppice.errors import UnknownRecipe
+
+# debootstrap does not resolve virtual packages, so the two providers that python3-zmq and
+# ipykernel pull in through virtual names are listed explicitly; without them those packages
+# are left unconfigured.
+PYTHON_PACKAGES = (
+    "python3",
+    "python3-ipykernel",
+    "python3-cffi-backend",
+    "libboost-regex1.74.0",
+    "openssh-server",
+    "iproute2",
+    "procps",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    substrate: str
+    description: str
+    suite: str = "bookworm"
+    packages: tuple[str, ...] = ()
+    #: None: the host's default limits (Settings.limits)
+    limits: Limits | None = None
+
+
+RECIPES: dict[str, Recipe] = {
+    "python": Recipe(
+        name="python",
+        substrate="jail",
+        description="Debian bookworm with Python 3, ipykernel and sshd, as a jail",
+        packages=PYTHON_PACKAGES,
+    ),
+}
+
+
+def recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise UnknownRecipe(name, list(RECIPES)) from None

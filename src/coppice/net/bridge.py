@@ -1,0 +1,83 @@
+"""The host bridge of one substrate: the gateway address its entries route through.
+
+Entries hang off the bridge as *isolated* ports, which the bridge forwards only to and from
+non-isolated ports (the host itself), so two sandboxes never exchange a frame. Forwarding is
+switched off for packets arriving on the bridge, so the host does not route between sandboxes
+(or anywhere else) either: a sandbox can talk to the host and nothing more.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from coppice.config import NetworkSettings
+from coppice.errors import SubstrateError
+
+
+class HostBridge:
+    def __init__(self, network: NetworkSettings) -> None:
+        self.network = network
+
+    @property
+    def name(self) -> str:
+        return self.network.bridge
+
+    def index(self, ipr: IPRoute) -> int | None:
+        found = ipr.link_lookup(ifname=self.name)
+        return int(found[0]) if found else None
+
+    def exists(self) -> bool:
+        with IPRoute() as ipr:
+            return self.index(ipr) is not None
+
+    def ensure(self) -> None:
+        """Create the bridge with its gateway address if missing; a no-op when it is there."""
+        try:
+            with IPRoute() as ipr:
+                idx = self.index(ipr)
+                if idx is None:
+                    try:
+                        ipr.link("add", ifname=self.name, kind="bridge")
+                    except NetlinkError as exc:
+                        if exc.code != 17:  # EEXIST: a concurrent init made it first
+                            raise
+                    idx = self.index(ipr)
+                    assert idx is not None
+                gw = str(self.network.gateway)
+                have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}
+                if gw not in have:
+                    ipr.addr("add", index=idx, address=gw, prefixlen=self.network.prefixlen)
+                ipr.link("set", index=idx, state="up")
+        except NetlinkError as exc:
+            raise SubstrateError(f"cannot set up bridge {self.name}: {exc}") from exc
+        _sysctl(f"net/ipv4/conf/{self.name}/forwarding", "0")
+        _sysctl(f"net/ipv6/conf/{self.name}/disable_ipv6", "1")
+
+    def remove(self) -> None:
+        with IPRoute() as ipr:
+            idx = self.index(ipr)
+            if idx is not None:
+                ipr.link("del", index=idx)
+
+    def port_names(self) -> set[str]:
+        """Names of the interfaces enslaved to this bridge."""
+        with IPRoute() as ipr:
+            idx = self.index(ipr)
+            if idx is None:
+                return set()
+            return {
+                str(link.get_attr("IFLA_IFNAME"))
+                for link in ipr.get_links()
+                if link.get_attr("IFLA_MASTER") == idx
+            }
+
+
+def _sysctl(key: str, value: str) -> None:
+    path = Path("/proc/sys") / key
+    try:
+        path.write_text(value)
+    except OSError as exc:
+        raise SubstrateError(f"cannot set {key.replace('/', '.')}={value}: {exc}") from exc

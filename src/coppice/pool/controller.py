@@ -1,0 +1,283 @@
+"""PoolController: carries out the lifecycle rules against the store and the substrates.
+
+Decisions (which entry, which address, which state follows) are made inside store
+transactions using `lifecycle`; this class performs the side effects those decisions ask for
+and reports each failure as the error that names its fix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from coppice.config import Limits, Settings
+from coppice.errors import (
+    CoppiceError,
+    EntryNotFound,
+    IllegalTransition,
+    InvalidRequest,
+    SandboxDied,
+    SubstrateError,
+)
+from coppice.images.recipes import RECIPES
+from coppice.pool import reconcile as reconcile_rules
+from coppice.pool.lifecycle import Action, Event, State
+from coppice.processes import ProcessIdentity
+from coppice.progress import Progress, SilentProgress
+from coppice.store.records import EntryRecord, TemplateRecord
+from coppice.store.store import Applied, Store
+from coppice.substrates.base import SpawnSpec, Substrate
+
+
+@dataclass
+class WarmReport:
+    template: str
+    requested: int
+    started: list[EntryRecord] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class ReconcileReport:
+    replaced: list[str] = field(default_factory=list)
+    finished_teardowns: list[str] = field(default_factory=list)
+    leftovers_removed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.replaced or self.finished_teardowns or self.leftovers_removed)
+
+
+def default_substrates(settings: Settings) -> dict[str, Substrate]:
+    from coppice.substrates.jail import JailSubstrate
+
+    return {"jail": JailSubstrate(settings)}
+
+
+class PoolController:
+    def __init__(
+        self, settings: Settings, store: Store | None = None,
+        substrates: dict[str, Substrate] | None = None, progress: Progress | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.database_path)
+        self.substrates = substrates if substrates is not None else default_substrates(settings)
+        self.progress = progress or SilentProgress()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def substrate(self, name: str) -> Substrate:
+        try:
+            return self.substrates[name]
+        except KeyError:
+            raise SubstrateError(f"substrate {name!r} is not available on this host") from None
+
+    def _limits(self, template: TemplateRecord) -> Limits:
+        r = RECIPES.get(template.name)
+        return r.limits if r is not None and r.limits is not None else self.settings.limits
+
+    def _spec(self, entry: EntryRecord, template: TemplateRecord) -> SpawnSpec:
+        return SpawnSpec(entry.id, template, entry.ip, entry.hostname, self._limits(template))
+
+    def _addresses(self, substrate: str) -> list[object]:
+        net = self.settings.jail_network if substrate == "jail" else self.settings.vm_network
+        return list(net.host_addresses())
+
+    def capacity(self, substrate: str) -> int:
+        return len(self._addresses(substrate))
+
+    # -- host ---------------------------------------------------------------------------------
+
+    def init_host(self) -> None:
+        for sub in self.substrates.values():
+            sub.prepare_host()
+
+    def deinit_host(self) -> None:
+        if self.store.list_entries():
+            raise IllegalTransition("host", "in use", "tear down the host of")
+        for sub in self.substrates.values():
+            sub.teardown_host()
+
+    # -- warm ---------------------------------------------------------------------------------
+
+    def warm(self, template_name: str, count: int) -> WarmReport:
+        template = self.store.get_template(template_name)
+        sub = self.substrate(template.substrate)
+        cap = self.capacity(template.substrate)
+        if not 1 <= count <= cap:
+            raise InvalidRequest(f"--count must be between 1 and {cap}, not {count}")
+        sub.prepare_host()
+        started = time.monotonic()
+        entries = self.store.reserve(
+            template.name, template.substrate, count,
+            self._addresses(template.substrate), hostname_prefix=template.name,
+        )
+        report = WarmReport(template.name, count)
+        self.progress.stage(f"warming {count} × {template.name}", total=count)
+        self._bring_up_all(template, entries, report)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _bring_up_all(
+        self, template: TemplateRecord, entries: list[EntryRecord], report: WarmReport
+    ) -> None:
+        workers = max(1, min(len(entries), self.settings.spawn_parallelism))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warm") as pool:
+            futures = [pool.submit(self._bring_up, template, e) for e in entries]
+            for fut in futures:
+                try:
+                    report.started.append(fut.result())
+                    self.progress.advance(report.started[-1].id)
+                except CoppiceError as exc:
+                    report.failures.append(str(exc))
+                    self.progress.advance("failed")
+
+    def _bring_up(self, template: TemplateRecord, entry: EntryRecord) -> EntryRecord:
+        sub = self.substrate(template.substrate)
+        spec = self._spec(entry, template)
+        try:
+            handle = sub.spawn(spec)
+            self.store.set_handle(entry.id, handle)
+            sub.wait_ready(spec, handle, self.settings.ready_timeout_s)
+            sub.pause(entry.id)
+            return self.store.apply(entry.id, Event.READY).entry
+        except (CoppiceError, OSError) as exc:
+            error = exc if isinstance(exc, CoppiceError) else SubstrateError(str(exc))
+            try:
+                self._perform(self.store.apply(entry.id, Event.FAIL, str(error)))
+            except (IllegalTransition, EntryNotFound):
+                pass  # drained while it was warming; the drain tears it down
+            raise error from exc
+
+    # -- checkout / return --------------------------------------------------------------------
+
+    def checkout(self, template_name: str) -> EntryRecord:
+        template = self.store.get_template(template_name)
+        sub = self.substrate(template.substrate)
+        while True:
+            applied = self.store.checkout(template.name)
+            entry = applied.entry
+            try:
+                if not sub.is_alive(entry.id, entry.handle):
+                    raise SandboxDied(entry.id)
+                sub.resume(entry.id)
+                return entry
+            except SubstrateError as exc:
+                # A dead entry is replaced and the next one is tried; the caller never sees
+                # a sandbox that cannot answer.
+                self._perform(self.store.apply(entry.id, Event.DIED, str(exc)))
+
+    def return_entry(self, entry_id: str) -> EntryRecord | None:
+        """Destroy the entry and start its replacement; returns the replacement."""
+        return self._perform(self.store.apply(entry_id, Event.RETURN))
+
+    def drain(self, template_name: str) -> int:
+        self.store.get_template(template_name)
+        drained = 0
+        deadline = time.monotonic() + 2 * self.settings.ready_timeout_s
+        while True:
+            entries = self.store.list_entries(template_name)
+            if not entries:
+                return drained
+            waiting = False
+            for e in entries:
+                if self._owned_by_live_other(e) and time.monotonic() < deadline:
+                    waiting = True  # another process is still warming or tearing it down
+                    continue
+                try:
+                    self._perform(self.store.apply(e.id, Event.DRAIN))
+                    drained += 1
+                except (EntryNotFound, IllegalTransition):
+                    continue
+            if waiting:
+                time.sleep(0.05)
+
+    def list(self, template_name: str | None = None) -> list[EntryRecord]:
+        return self.store.list_entries(template_name)
+
+    def _owned_by_live_other(self, e: EntryRecord) -> bool:
+        if e.state not in (State.WARMING, State.RETURNING, State.FAILED):
+            return False
+        if e.owner_pid is None or e.owner_start is None:
+            return False
+        owner = ProcessIdentity(e.owner_pid, e.owner_start)
+        return owner != self.store.owner and owner.is_running()
+
+    # -- actions ------------------------------------------------------------------------------
+
+    def _perform(self, applied: Applied) -> EntryRecord | None:
+        """Carry out a transition's actions; returns the replacement entry if one was made."""
+        entry = applied.entry
+        replacement: EntryRecord | None = None
+        template = None
+        for action in applied.actions:
+            sub = self.substrate(entry.substrate)
+            if action is Action.RESUME:
+                sub.resume(entry.id)
+            elif action is Action.PAUSE:
+                sub.pause(entry.id)
+            elif action is Action.DESTROY:
+                sub.destroy(entry.id, entry.handle)
+                self.store.apply(entry.id, Event.DESTROYED)
+            elif action is Action.RESPAWN:
+                try:
+                    template = self.store.get_template(entry.template)
+                except CoppiceError:
+                    continue  # its template was removed; nothing to respawn from
+                (fresh,) = self.store.reserve(
+                    template.name, template.substrate, 1,
+                    self._addresses(template.substrate), hostname_prefix=template.name,
+                )
+                replacement = self._bring_up(template, fresh)
+        return replacement
+
+    # -- reconcile ----------------------------------------------------------------------------
+
+    def reconcile(self) -> ReconcileReport:
+        report = ReconcileReport()
+        host_ids: set[str] = set()
+        for sub in self.substrates.values():
+            host_ids |= sub.host_objects().all_ids()
+        observations = []
+        for e in self.store.list_entries():
+            sub = self.substrates.get(e.substrate)
+            alive = sub.is_alive(e.id, e.handle) if sub is not None else False
+            owner_alive = (
+                e.owner_pid is not None and e.owner_start is not None
+                and ProcessIdentity(e.owner_pid, e.owner_start).is_running()
+                and ProcessIdentity(e.owner_pid, e.owner_start) != self.store.owner
+            )
+            observations.append(reconcile_rules.Observation(e, alive, owner_alive))
+        decided = reconcile_rules.plan(observations, host_ids, time.time())
+        for e in decided.dead + decided.orphaned:
+            self._fix(e, report)
+        for entry_id in decided.leftovers:
+            for sub in self.substrates.values():
+                self._attempt(report, f"leftover {entry_id}", lambda s=sub, i=entry_id:
+                              s.destroy(i, None))
+            report.leftovers_removed.append(entry_id)
+        return report
+
+    def _fix(self, e: EntryRecord, report: ReconcileReport) -> None:
+        def run() -> None:
+            applied = self.store.apply_if_unchanged(e, Event.DIED, "found dead by reconcile")
+            if applied is None:
+                return  # someone else dealt with it meanwhile
+            replacement = self._perform(applied)
+            if replacement is not None:
+                report.replaced.append(f"{e.id} -> {replacement.id}")
+            else:
+                report.finished_teardowns.append(e.id)
+
+        self._attempt(report, f"entry {e.id}", run)
+
+    @staticmethod
+    def _attempt(report: ReconcileReport, what: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except CoppiceError as exc:
+            report.problems.append(f"{what}: {exc}")

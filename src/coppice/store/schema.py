@@ -1,0 +1,64 @@
+"""Versioned schema migrations, applied in order; `PRAGMA user_version` records the last."""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: templates, pool entries, an event log
+    """
+    CREATE TABLE templates (
+        name          TEXT PRIMARY KEY,
+        substrate     TEXT NOT NULL,
+        recipe_hash   TEXT NOT NULL,
+        rootfs        TEXT NOT NULL,
+        built_at      REAL NOT NULL,
+        build_seconds REAL NOT NULL,
+        size_bytes    INTEGER NOT NULL
+    );
+    CREATE TABLE entries (
+        id             TEXT PRIMARY KEY,
+        template       TEXT NOT NULL,
+        substrate      TEXT NOT NULL,
+        state          TEXT NOT NULL,
+        ip             TEXT NOT NULL,
+        hostname       TEXT NOT NULL,
+        handle         TEXT,
+        owner_pid      INTEGER,
+        owner_start    INTEGER,
+        deadline       REAL,
+        created_at     REAL NOT NULL,
+        updated_at     REAL NOT NULL,
+        ready_at       REAL,
+        checked_out_at REAL
+    );
+    -- Every row is a live claim on its address: rows are deleted when their entry is gone.
+    CREATE UNIQUE INDEX entries_address ON entries (substrate, ip);
+    CREATE INDEX entries_pick ON entries (template, state, ready_at);
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts       REAL NOT NULL,
+        entry_id TEXT,
+        template TEXT,
+        kind     TEXT NOT NULL,
+        detail   TEXT NOT NULL DEFAULT ''
+    );
+    """,
+)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the database to the newest schema; returns the version it is at."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(MIGRATIONS)

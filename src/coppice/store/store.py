@@ -1,0 +1,259 @@
+"""The SQLite store: one writer transaction per decision, safe across threads and processes.
+
+Each thread gets its own connection (sqlite3 connections are not shareable across threads).
+Every decision that reads and then writes (reserving addresses, checking an entry out,
+applying a lifecycle event) runs inside `BEGIN IMMEDIATE`, so two processes deciding at once
+are serialised by SQLite itself and can never both take the same entry or address.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from coppice.errors import (
+    CapacityExceeded,
+    EntryNotFound,
+    HostResourceExhausted,
+    PoolExhausted,
+    TemplateNotFound,
+)
+from coppice.net import ipam
+from coppice.pool.lifecycle import Action, Event, State, deadline_for, transition
+from coppice.processes import ProcessIdentity
+from coppice.store.records import EntryRecord, TemplateRecord
+from coppice.store.schema import migrate
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The outcome of one lifecycle event: the entry as it now is, and what to do about it."""
+
+    entry: EntryRecord
+    actions: tuple[Action, ...]
+
+
+def new_entry_id() -> str:
+    # 10 hex digits: short enough for a 15-byte interface name with a 4-letter prefix.
+    return secrets.token_hex(5)
+
+
+class Store:
+    def __init__(self, path: Path, owner: ProcessIdentity | None = None) -> None:
+        self.path = path
+        self.owner = owner or ProcessIdentity.current()
+        self._local = threading.local()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        migrate(self._conn())
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL is durable across process crashes in WAL mode; only a power cut may lose
+            # the last transactions, and reconcile repairs exactly that kind of gap.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise _translate(exc) from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                raise _translate(exc) from exc
+            raise
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _event(
+        self, conn: sqlite3.Connection, kind: str, entry_id: str | None, template: str | None,
+        detail: str = "",
+    ) -> None:
+        conn.execute(
+            "INSERT INTO events (ts, entry_id, template, kind, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), entry_id, template, kind, detail),
+        )
+
+    # -- templates --------------------------------------------------------------------------
+
+    def put_template(self, record: TemplateRecord) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO templates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.name, record.substrate, record.recipe_hash, record.rootfs,
+                    record.built_at, record.build_seconds, record.size_bytes,
+                ),
+            )
+            self._event(conn, "template_built", None, record.name, record.recipe_hash)
+
+    def get_template(self, name: str) -> TemplateRecord:
+        row = self._conn().execute("SELECT * FROM templates WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise TemplateNotFound(name)
+        return TemplateRecord.from_row(row)
+
+    def list_templates(self) -> list[TemplateRecord]:
+        rows = self._conn().execute("SELECT * FROM templates ORDER BY name").fetchall()
+        return [TemplateRecord.from_row(r) for r in rows]
+
+    def delete_template(self, name: str) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM templates WHERE name = ?", (name,))
+            self._event(conn, "template_removed", None, name)
+
+    # -- entries ----------------------------------------------------------------------------
+
+    def reserve(
+        self, template: str, substrate: str, count: int,
+        addresses: Sequence[Any], hostname_prefix: str,
+    ) -> list[EntryRecord]:
+        """Create `count` entries in WARMING, each with its own free address, atomically."""
+        now = time.time()
+        with self._write() as conn:
+            held = [r[0] for r in conn.execute(
+                "SELECT ip FROM entries WHERE substrate = ?", (substrate,))]
+            picked = ipam.pick_free(addresses, held, count)
+            if len(picked) < count:
+                raise CapacityExceeded(
+                    f"only {len(picked)} free addresses left for {substrate} entries "
+                    f"({len(held)} of {len(addresses)} in use); drain a pool or ask for fewer"
+                )
+            ids = []
+            for addr in picked:
+                entry_id = new_entry_id()
+                conn.execute(
+                    "INSERT INTO entries (id, template, substrate, state, ip, hostname,"
+                    " owner_pid, owner_start, deadline, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        entry_id, template, substrate, State.WARMING.value, str(addr),
+                        f"{hostname_prefix}-{entry_id}", self.owner.pid, self.owner.start_time,
+                        deadline_for(State.WARMING, now), now, now,
+                    ),
+                )
+                self._event(conn, "reserved", entry_id, template, str(addr))
+                ids.append(entry_id)
+        return [self.get(i) for i in ids]
+
+    def set_handle(self, entry_id: str, handle: dict[str, Any]) -> None:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE entries SET handle = ?, updated_at = ? WHERE id = ?",
+                (json.dumps(handle), time.time(), entry_id),
+            )
+            if cur.rowcount == 0:
+                raise EntryNotFound(entry_id)
+
+    def get(self, entry_id: str) -> EntryRecord:
+        row = self._conn().execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        if row is None:
+            raise EntryNotFound(entry_id)
+        return EntryRecord.from_row(row)
+
+    def list_entries(self, template: str | None = None) -> list[EntryRecord]:
+        if template is None:
+            rows = self._conn().execute("SELECT * FROM entries ORDER BY created_at, id")
+        else:
+            rows = self._conn().execute(
+                "SELECT * FROM entries WHERE template = ? ORDER BY created_at, id", (template,))
+        return [EntryRecord.from_row(r) for r in rows.fetchall()]
+
+    def apply(self, entry_id: str, event: Event, detail: str = "") -> Applied:
+        with self._write() as conn:
+            return self._apply(conn, entry_id, event, detail)
+
+    def _apply(
+        self, conn: sqlite3.Connection, entry_id: str, event: Event, detail: str
+    ) -> Applied:
+        row = conn.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        if row is None:
+            raise EntryNotFound(entry_id)
+        entry = EntryRecord.from_row(row)
+        step = transition(entry_id, entry.state, event)
+        now = time.time()
+        self._event(conn, event.value, entry_id, entry.template, detail)
+        if Action.FORGET in step.actions:
+            conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+            return Applied(replace(entry, state=step.state), step.actions)
+        conn.execute(
+            "UPDATE entries SET state = ?, deadline = ?, owner_pid = ?, owner_start = ?,"
+            " updated_at = ?,"
+            " ready_at = CASE WHEN ? THEN ? ELSE ready_at END,"
+            " checked_out_at = CASE WHEN ? THEN ? ELSE checked_out_at END"
+            " WHERE id = ?",
+            (
+                step.state.value, deadline_for(step.state, now),
+                self.owner.pid, self.owner.start_time, now,
+                step.state is State.AVAILABLE, now,
+                event is Event.CHECKOUT, now,
+                entry_id,
+            ),
+        )
+        row = conn.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        return Applied(EntryRecord.from_row(row), step.actions)
+
+    def checkout(self, template: str) -> Applied:
+        """Take the longest-waiting available entry of `template` and mark it in use."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT id FROM entries WHERE template = ? AND state = ?"
+                " ORDER BY ready_at, id LIMIT 1",
+                (template, State.AVAILABLE.value),
+            ).fetchone()
+            if row is None:
+                raise PoolExhausted(template)
+            return self._apply(conn, row[0], Event.CHECKOUT, "")
+
+    def apply_if_unchanged(self, seen: EntryRecord, event: Event, detail: str = "") -> Applied | None:
+        """Apply `event` only if nobody touched the entry since `seen` was read."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT updated_at, state FROM entries WHERE id = ?", (seen.id,)).fetchone()
+            if row is None or row[0] != seen.updated_at or row[1] != seen.state.value:
+                return None
+            return self._apply(conn, seen.id, event, detail)
+
+    def events(self, limit: int = 100) -> list[sqlite3.Row]:
+        return self._conn().execute(
+            "SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+
+
+def _translate(exc: sqlite3.OperationalError) -> Exception:
+    text = str(exc).lower()
+    if "disk" in text and "full" in text:
+        return HostResourceExhausted(
+            f"the state database cannot grow: {exc}; free disk space under the state directory"
+        )
+    if "locked" in text or "busy" in text:
+        return HostResourceExhausted(f"the state database stayed locked for 30 s: {exc}")
+    if getattr(exc, "sqlite_errorcode", None) == errno.ENOSPC:
+        return HostResourceExhausted(str(exc))
+    return exc

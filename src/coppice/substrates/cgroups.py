@@ -1,0 +1,239 @@
+"""Per-entry cgroups on either cgroup v1 (one hierarchy per controller) or v2 (unified).
+
+Both drivers expose the same operations: create with limits, the files a launcher writes its
+pid into, freeze/thaw (waiting until the kernel reports the new state), the member pids,
+kill-everything, and removal. `detect()` picks the one the host runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Protocol
+
+from coppice.config import Limits
+from coppice.errors import PrerequisiteMissing, SubstrateError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+CPU_PERIOD_US = 100_000
+
+
+class CgroupDriver(Protocol):
+    version: int
+
+    def prepare(self) -> None: ...
+    def remove_parent(self) -> None: ...
+    def create(self, name: str, limits: Limits) -> None: ...
+    def join_files(self, name: str) -> list[Path]: ...
+    def freeze(self, name: str) -> None: ...
+    def thaw(self, name: str) -> None: ...
+    def pids(self, name: str) -> list[int]: ...
+    def kill_all(self, name: str, timeout_s: float = 5.0) -> None: ...
+    def remove(self, name: str) -> None: ...
+    def names(self) -> set[str]: ...
+    def exists(self, name: str) -> bool: ...
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as exc:
+        raise SubstrateError(f"cannot write {value.strip()!r} to {path}: {exc}") from exc
+
+
+def _wait_for(predicate: object, timeout_s: float, what: str) -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout_s
+    delay = 0.0001
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SubstrateError(f"timed out after {timeout_s:.1f} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
+def _read_pids(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _kill_frozen(driver: CgroupDriver, name: str, timeout_s: float) -> None:
+    """Freeze (no more forks), SIGKILL every member, thaw so the kills land, wait until empty."""
+    if not driver.exists(name):
+        return
+    driver.freeze(name)
+    for pid in driver.pids(name):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    driver.thaw(name)
+    _wait_for(lambda: not driver.pids(name), timeout_s, f"cgroup {name} to empty")
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SubstrateError(f"cannot remove cgroup {path}: {exc}") from exc
+
+
+class CgroupV1:
+    version = 1
+
+    def __init__(self, parent: str, root: Path = CGROUP_ROOT) -> None:
+        self.parent = parent
+        self.root = root
+
+    def _dir(self, controller: str, name: str = "") -> Path:
+        base = self.root / controller / self.parent
+        return base / name if name else base
+
+    def prepare(self) -> None:
+        for c in V1_CONTROLLERS:
+            self._dir(c).mkdir(exist_ok=True)
+
+    def remove_parent(self) -> None:
+        for c in V1_CONTROLLERS:
+            _rmdir(self._dir(c))
+
+    def create(self, name: str, limits: Limits) -> None:
+        for c in V1_CONTROLLERS:
+            self._dir(c, name).mkdir(parents=True, exist_ok=True)
+        mem = limits.memory_mb * 1024 * 1024
+        _write(self._dir("memory", name) / "memory.limit_in_bytes", f"{mem}\n")
+        _write(self._dir("pids", name) / "pids.max", f"{limits.pids}\n")
+        quota = int(limits.cpus * CPU_PERIOD_US)
+        _write(self._dir("cpu", name) / "cpu.cfs_period_us", f"{CPU_PERIOD_US}\n")
+        _write(self._dir("cpu", name) / "cpu.cfs_quota_us", f"{quota}\n")
+
+    def join_files(self, name: str) -> list[Path]:
+        return [self._dir(c, name) / "cgroup.procs" for c in V1_CONTROLLERS]
+
+    def _state(self, name: str) -> str:
+        return (self._dir("freezer", name) / "freezer.state").read_text().strip()
+
+    def freeze(self, name: str) -> None:
+        _write(self._dir("freezer", name) / "freezer.state", "FROZEN\n")
+        _wait_for(lambda: self._state(name) == "FROZEN", 5.0, f"{name} to freeze")
+
+    def thaw(self, name: str) -> None:
+        _write(self._dir("freezer", name) / "freezer.state", "THAWED\n")
+
+    def pids(self, name: str) -> list[int]:
+        return _read_pids(self._dir("pids", name) / "cgroup.procs")
+
+    def kill_all(self, name: str, timeout_s: float = 5.0) -> None:
+        _kill_frozen(self, name, timeout_s)
+
+    def remove(self, name: str) -> None:
+        for c in V1_CONTROLLERS:
+            _rmdir(self._dir(c, name))
+
+    def exists(self, name: str) -> bool:
+        return any(self._dir(c, name).is_dir() for c in V1_CONTROLLERS)
+
+    def names(self) -> set[str]:
+        found: set[str] = set()
+        for c in V1_CONTROLLERS:
+            base = self._dir(c)
+            if base.is_dir():
+                found.update(p.name for p in base.iterdir() if p.is_dir())
+        return found
+
+
+class CgroupV2:
+    version = 2
+
+    def __init__(self, parent: str, root: Path = CGROUP_ROOT) -> None:
+        self.parent = parent
+        self.root = root
+
+    def _dir(self, name: str = "") -> Path:
+        base = self.root / self.parent
+        return base / name if name else base
+
+    def prepare(self) -> None:
+        self._dir().mkdir(exist_ok=True)
+        wanted = {"memory", "pids", "cpu"}
+        available = set((self.root / "cgroup.controllers").read_text().split())
+        missing = wanted - available
+        if missing:
+            raise PrerequisiteMissing(
+                f"cgroup v2 lacks the {', '.join(sorted(missing))} controller(s); "
+                "enable them in the kernel command line or use a cgroup v1 host"
+            )
+        for d in (self.root, self._dir()):
+            enabled = set((d / "cgroup.subtree_control").read_text().split())
+            if not wanted <= enabled:
+                _write(d / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(wanted)))
+
+    def remove_parent(self) -> None:
+        _rmdir(self._dir())
+
+    def create(self, name: str, limits: Limits) -> None:
+        d = self._dir(name)
+        d.mkdir(parents=True, exist_ok=True)
+        _write(d / "memory.max", f"{limits.memory_mb * 1024 * 1024}\n")
+        if (d / "memory.swap.max").exists():
+            _write(d / "memory.swap.max", "0\n")
+        _write(d / "pids.max", f"{limits.pids}\n")
+        _write(d / "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}\n")
+
+    def join_files(self, name: str) -> list[Path]:
+        return [self._dir(name) / "cgroup.procs"]
+
+    def _frozen(self, name: str) -> bool:
+        for line in (self._dir(name) / "cgroup.events").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "frozen":
+                return value.strip() == "1"
+        return False
+
+    def freeze(self, name: str) -> None:
+        _write(self._dir(name) / "cgroup.freeze", "1\n")
+        _wait_for(lambda: self._frozen(name), 5.0, f"{name} to freeze")
+
+    def thaw(self, name: str) -> None:
+        _write(self._dir(name) / "cgroup.freeze", "0\n")
+
+    def pids(self, name: str) -> list[int]:
+        return _read_pids(self._dir(name) / "cgroup.procs")
+
+    def kill_all(self, name: str, timeout_s: float = 5.0) -> None:
+        kill_file = self._dir(name) / "cgroup.kill"
+        if kill_file.exists():  # 5.14+: one write kills the whole tree, frozen or not
+            _write(kill_file, "1\n")
+            _wait_for(lambda: not self.pids(name), timeout_s, f"cgroup {name} to empty")
+        else:
+            _kill_frozen(self, name, timeout_s)
+
+    def remove(self, name: str) -> None:
+        _rmdir(self._dir(name))
+
+    def exists(self, name: str) -> bool:
+        return self._dir(name).is_dir()
+
+    def names(self) -> set[str]:
+        base = self._dir()
+        return {p.name for p in base.iterdir() if p.is_dir()} if base.is_dir() else set()
+
+
+def detect(parent: str, root: Path = CGROUP_ROOT) -> CgroupDriver:
+    """v2 when /sys/fs/cgroup is the unified hierarchy, else v1 when its controllers are there."""
+    if (root / "cgroup.controllers").exists():
+        return CgroupV2(parent, root)
+    missing = [c for c in V1_CONTROLLERS if not (root / c).is_dir()]
+    if missing:
+        raise PrerequisiteMissing(
+            f"no cgroup v2 at {root} and cgroup v1 lacks {', '.join(missing)}; "
+            "mount the cgroup controllers (systemd does this on a normal boot)"
+        )
+    return CgroupV1(parent, root)

@@ -1,0 +1,322 @@
+"""The `jail` substrate: Linux namespaces + cgroups + seccomp + an overlayfs root.
+
+Per entry, on the host:
+  /run/coppice/entries/<id>/          a tmpfs sized to the entry's disk limit, holding
+      upper/ work/ merged/            the overlay (template rootfs below, tmpfs above)
+      console.log                     the jail's stdout/stderr, outside its reach
+  /run/netns/<ns>-<id>                its network namespace (veth `copp<id>` on the bridge)
+  /sys/fs/cgroup/.../<ns>/<id>        memory, pids, cpu and freezer limits
+
+The launch is a chain of execs, so the recorded pid stays the jail's top process:
+  nsenter --net=<netns>               enter the entry's network namespace
+  sh -c 'join cgroups; exec ...'      so everything that follows is accounted and freezable
+  unshare --user --map-users ...      root inside = uid <base> outside (newuidmap/newgidmap)
+  bwrap ...                           mount, pid, ipc, uts, cgroup namespaces; caps; seccomp
+  /usr/lib/coppice/init               sshd + the agent
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+from coppice.config import Settings
+from coppice.errors import HostResourceExhausted, PrerequisiteMissing, SubstrateError
+from coppice.images.keys import generate_ed25519
+from coppice.net.sandbox_link import SandboxLink
+from coppice.processes import ProcessIdentity
+from coppice.substrates import cgroups, mounts, readiness, seccomp
+from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec
+
+INIT_PATH = "/usr/lib/coppice/init"
+REQUIRED_TOOLS = {
+    "bwrap": "bubblewrap",
+    "nsenter": "util-linux",
+    "unshare": "util-linux",
+    "newuidmap": "uidmap",
+    "newgidmap": "uidmap",
+}
+# What sshd and ordinary root work inside a jail need. Everything else (CAP_SYS_ADMIN,
+# CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE, ...) is dropped. They are capabilities of the
+# jail's own user namespace, never of the host.
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE",
+)
+# Runs in the entry's network namespace as host root, before any namespace of the jail's own:
+# ports below 1024 open to the jail's root (whose capabilities do not reach this namespace),
+# then it joins the cgroups named in its arguments up to "--" and execs the rest.
+LAUNCHER = (
+    "echo 0 > /proc/sys/net/ipv4/ip_unprivileged_port_start; "
+    'while [ "$1" != -- ]; do echo $$ > "$1"; shift; done; shift; exec "$@"'
+)
+
+
+class JailSubstrate:
+    name = "jail"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.link = SandboxLink(settings.jail_network, settings.namespace)
+        self._cgroups: cgroups.CgroupDriver | None = None
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._children_lock = threading.Lock()
+
+    @property
+    def cgroups(self) -> cgroups.CgroupDriver:
+        if self._cgroups is None:
+            self._cgroups = cgroups.detect(self.settings.namespace)
+        return self._cgroups
+
+    def entry_dir(self, entry_id: str) -> Path:
+        return self.settings.entries_dir / entry_id
+
+    # -- host --------------------------------------------------------------------------------
+
+    def check_prerequisites(self) -> None:
+        if os.geteuid() != 0:
+            raise PrerequisiteMissing("the jail substrate needs root; run coppice as root")
+        for tool, package in REQUIRED_TOOLS.items():
+            if shutil.which(tool) is None:
+                raise PrerequisiteMissing(
+                    f"{tool} is not installed; run scripts/setup (Debian package {package})"
+                )
+        max_ns = Path("/proc/sys/user/max_user_namespaces")
+        if max_ns.exists() and max_ns.read_text().strip() == "0":
+            raise PrerequisiteMissing(
+                "user namespaces are disabled; `sysctl -w user.max_user_namespaces=15000`"
+            )
+        self.cgroups  # noqa: B018 - detection raises PrerequisiteMissing on an unusable host
+
+    def prepare_host(self) -> None:
+        self.check_prerequisites()
+        self._ensure_subordinate_ids()
+        self.link.bridge.ensure()
+        self.cgroups.prepare()
+        self.settings.entries_dir.mkdir(parents=True, exist_ok=True)
+        seccomp.ensure_filter_file(self.settings.run_dir)
+
+    def teardown_host(self) -> None:
+        self.link.bridge.remove()
+        self.cgroups.remove_parent()
+        for path in sorted(self.settings.run_dir.glob("seccomp-*.bpf")):
+            path.unlink()
+        for d in (self.settings.entries_dir, self.settings.run_dir):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+
+    def _ensure_subordinate_ids(self) -> None:
+        """newuidmap only maps ranges /etc/subuid grants; grant root the jails' range once."""
+        lo = self.settings.jail_uid_base
+        hi = lo + self.settings.jail_uid_count - 1
+        if _grants_range(Path("/etc/subuid"), lo, hi) and _grants_range(
+            Path("/etc/subgid"), lo, hi
+        ):
+            return
+        done = subprocess.run(
+            ["usermod", "--add-subuids", f"{lo}-{hi}", "--add-subgids", f"{lo}-{hi}", "root"],
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            raise PrerequisiteMissing(
+                f"cannot grant root the id range {lo}-{hi} in /etc/subuid and /etc/subgid: "
+                f"{done.stderr.strip()}"
+            )
+
+    # -- one entry ----------------------------------------------------------------------------
+
+    def spawn(self, spec: SpawnSpec) -> Handle:
+        base = self.settings.jail_uid_base
+        entry_dir = self.entry_dir(spec.entry_id)
+        merged = entry_dir / "merged"
+        entry_dir.mkdir(parents=True, exist_ok=False)
+        mounts.mount(
+            "tmpfs", entry_dir, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
+            f"size={spec.limits.disk_mb}m,mode=0755",
+        )
+        for sub in ("upper", "work", "merged"):
+            (entry_dir / sub).mkdir()
+        os.chown(entry_dir / "upper", base, base)
+        mounts.mount(
+            "overlay", merged, "overlay", 0,
+            f"lowerdir={spec.template.rootfs},upperdir={entry_dir}/upper,workdir={entry_dir}/work",
+        )
+        self._inject_identity(merged, spec)
+        self.cgroups.create(spec.entry_id, spec.limits)
+        self.link.create(spec.entry_id, spec.ip)
+
+        filter_path = seccomp.ensure_filter_file(self.settings.run_dir)
+        filter_fd = os.open(filter_path, os.O_RDONLY)
+        try:
+            argv = self._argv(spec, merged, filter_fd)
+            with open(entry_dir / "console.log", "ab") as log:
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    pass_fds=(filter_fd,), start_new_session=True,
+                )
+        finally:
+            os.close(filter_fd)
+        with self._children_lock:
+            self._children[spec.entry_id] = proc
+        ident = ProcessIdentity.of(proc.pid)
+        return {
+            "pid": proc.pid,
+            "pid_start": ident.start_time if ident else None,
+            "ip": spec.ip,
+            "entry_dir": str(entry_dir),
+            "cgroup_version": self.cgroups.version,
+        }
+
+    def _argv(self, spec: SpawnSpec, merged: Path, filter_fd: int) -> list[str]:
+        s = self.settings
+        ids = f"{s.jail_uid_base},0,{s.jail_uid_count}"
+        caps: list[str] = []
+        for cap in CAPABILITIES:
+            caps += ["--cap-add", cap]
+        return [
+            "nsenter", f"--net={self.link.netns_path(spec.entry_id)}", "--",
+            "sh", "-c", LAUNCHER, "sh",
+            *(str(p) for p in self.cgroups.join_files(spec.entry_id)), "--",
+            "unshare", "--user", f"--map-users={ids}", f"--map-groups={ids}",
+            "--setuid", "0", "--setgid", "0", "--",
+            "bwrap",
+            "--bind", str(merged), "/",
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--tmpfs", "/dev/shm",
+            "--tmpfs", "/run",
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--hostname", spec.hostname,
+            "--new-session",
+            "--cap-drop", "ALL", *caps,
+            "--seccomp", str(filter_fd),
+            "--clearenv",
+            "--setenv", "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "--setenv", "HOME", "/root",
+            "--chdir", "/root",
+            "--", INIT_PATH,
+        ]
+
+    def _inject_identity(self, root: Path, spec: SpawnSpec) -> None:
+        """Per-entry identity goes into the entry's upper layer, never into the template."""
+        uid = self.settings.jail_uid_base
+        host_key = generate_ed25519(f"root@{spec.hostname}")
+        files: list[tuple[str, bytes, int]] = [
+            (
+                "etc/coppice-instance",
+                (
+                    f"COPPICE_ENTRY_ID={spec.entry_id}\n"
+                    f"COPPICE_IP={spec.ip}\n"
+                    f"COPPICE_HOSTNAME={spec.hostname}\n"
+                ).encode(),
+                0o644,
+            ),
+            ("etc/hostname", f"{spec.hostname}\n".encode(), 0o644),
+            ("etc/hosts", f"127.0.0.1 localhost\n{spec.ip} {spec.hostname}\n".encode(), 0o644),
+            ("etc/ssh/ssh_host_ed25519_key", host_key.private_openssh, 0o600),
+            ("etc/ssh/ssh_host_ed25519_key.pub", f"{host_key.public_openssh}\n".encode(), 0o644),
+        ]
+        try:
+            for rel, data, mode in files:
+                path = root / rel
+                path.unlink(missing_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+                try:
+                    os.write(fd, data)
+                    os.fchown(fd, uid, uid)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            if exc.errno == 28:
+                raise HostResourceExhausted(f"no space for entry {spec.entry_id}: {exc}") from exc
+            raise SubstrateError(f"cannot write identity of {spec.entry_id}: {exc}") from exc
+
+    def wait_ready(self, spec: SpawnSpec, handle: Handle, timeout_s: float) -> None:
+        readiness.wait_until_answering(
+            spec.entry_id, spec.ip, AGENT_PORT, SSH_PORT, timeout_s,
+            is_alive=lambda: self.is_alive(spec.entry_id, handle),
+            diagnostics=lambda: self.console_tail(spec.entry_id),
+        )
+
+    def console_tail(self, entry_id: str, lines: int = 5) -> str:
+        try:
+            text = (self.entry_dir(entry_id) / "console.log").read_text(errors="replace")
+        except OSError:
+            return "no console output"
+        tail = " | ".join(text.strip().splitlines()[-lines:])
+        return f"console: {tail}" if tail else "console is empty"
+
+    def pause(self, entry_id: str) -> None:
+        self.cgroups.freeze(entry_id)
+
+    def resume(self, entry_id: str) -> None:
+        self.cgroups.thaw(entry_id)
+
+    def is_alive(self, entry_id: str, handle: Handle | None) -> bool:
+        with self._children_lock:
+            child = self._children.get(entry_id)
+        if child is not None and child.poll() is not None:
+            return False
+        if not handle or handle.get("pid") is None or handle.get("pid_start") is None:
+            return False
+        return ProcessIdentity(int(handle["pid"]), int(handle["pid_start"])).is_running()
+
+    def destroy(self, entry_id: str, handle: Handle | None) -> None:
+        problems: list[str] = []
+
+        def attempt(what: str, fn: object) -> None:
+            assert callable(fn)
+            try:
+                fn()
+            except (OSError, SubstrateError) as exc:
+                problems.append(f"{what}: {exc}")
+
+        attempt("kill", lambda: self.cgroups.kill_all(entry_id))
+        with self._children_lock:
+            child = self._children.pop(entry_id, None)
+        if child is not None:
+            attempt("reap", lambda: child.wait(timeout=5))
+        entry_dir = self.entry_dir(entry_id)
+        for point in mounts.mounts_under(entry_dir):
+            attempt(f"unmount {point}", lambda p=point: mounts.unmount(p))  # type: ignore[misc]
+        attempt("remove directory", lambda: _rmtree_if_exists(entry_dir))
+        attempt("remove network", lambda: self.link.remove(entry_id))
+        attempt("remove cgroups", lambda: self.cgroups.remove(entry_id))
+        if problems:
+            raise SubstrateError(f"destroying {entry_id} left work undone: {'; '.join(problems)}")
+
+    def host_objects(self) -> HostObjects:
+        entries_dir = self.settings.entries_dir
+        dirs = {p.name for p in entries_dir.iterdir()} if entries_dir.is_dir() else set()
+        mounted = {
+            p.relative_to(entries_dir).parts[0] for p in mounts.mounts_under(entries_dir)
+            if p != entries_dir
+        }
+        return HostObjects({
+            "cgroups": self.cgroups.names(),
+            "network": self.link.entry_ids(),
+            "directories": dirs,
+            "mounts": mounted,
+        })
+
+
+def _rmtree_if_exists(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def _grants_range(path: Path, lo: int, hi: int) -> bool:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in ("root", "0"):
+            start, count = int(parts[1]), int(parts[2])
+            if start <= lo and hi < start + count:
+                return True
+    return False

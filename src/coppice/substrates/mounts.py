@@ -1,0 +1,59 @@
+"""mount(2)/umount2(2) through libc, and the mount table, for per-entry root filesystems.
+
+These run on the warm path for every entry; calling libc directly saves a process start per
+mount compared with mount(8), and no maintained Python library wraps these two calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from pathlib import Path
+
+from coppice.errors import HostResourceExhausted, SubstrateError
+
+MNT_DETACH = 2
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def mount(source: str, target: Path, fstype: str, flags: int = 0, data: str = "") -> None:
+    rc = _libc.mount(source.encode(), str(target).encode(), fstype.encode(), flags,
+                     data.encode())
+    if rc != 0:
+        err = ctypes.get_errno()
+        message = f"cannot mount {fstype} on {target}: {os.strerror(err)}"
+        if err == 28:  # ENOSPC
+            raise HostResourceExhausted(message + "; free disk space or memory on the host")
+        raise SubstrateError(message)
+
+
+def unmount(target: Path) -> None:
+    """Unmount; falls back to a lazy detach when something still holds the mount busy."""
+    if _libc.umount2(str(target).encode(), 0) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == 22:  # EINVAL: not a mount point (already unmounted)
+        return
+    if err == 16 and _libc.umount2(str(target).encode(), MNT_DETACH) == 0:  # EBUSY
+        return
+    if err == 2:  # ENOENT
+        return
+    raise SubstrateError(f"cannot unmount {target}: {os.strerror(err)}")
+
+
+def mounts_under(prefix: Path) -> list[Path]:
+    """Mount points at or below `prefix`, deepest first (the order to unmount them in)."""
+    found: list[Path] = []
+    base = str(prefix).rstrip("/") + "/"
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split(" ")[4].replace("\\040", " ")
+        if point.startswith(base) or point == base.rstrip("/"):
+            found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
