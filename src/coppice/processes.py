@@ -42,4 +42,3 @@ def _read_stat(pid: int) -> tuple[str, int] | None:
     # The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
     rest = raw[raw.rindex(")") + 2 :].split()
     return rest[0], int(rest[19])
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Callable
@@ -46,11 +47,26 @@ def ssh_command(key: Path, ip: str, command: str, timeout_s: float = 30.0) -> st
     """Run `command` in a sandbox over SSH with the pool key; returns its stdout."""
     done = subprocess.run(
         [
-            "ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-            "-o", "ConnectTimeout=10", f"root@{ip}", command,
+            "ssh",
+            "-i",
+            str(key),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
+            f"root@{ip}",
+            command,
         ],
-        capture_output=True, text=True, timeout=timeout_s, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
     )
     if done.returncode != 0:
         raise CoppiceError(f"ssh root@{ip} failed ({done.returncode}): {done.stderr.strip()}")
@@ -127,16 +143,18 @@ class SmokeRig:
             return f"{n} entries drained, list is empty"
 
         steps: list[tuple[str, Callable[[], str]]] = [
-            ("warm", warm), ("checkout", checkout), ("ssh python", python),
-            ("second checkout", second), ("return", give_back), ("drain", drain),
+            ("warm", warm),
+            ("checkout", checkout),
+            ("ssh python", python),
+            ("second checkout", second),
+            ("return", give_back),
+            ("drain", drain),
         ]
         for name, check in steps:
             if not self.gate(name, check):
                 break
         if not r.passed:
             # Leave nothing half-used behind a failed run.
-            try:
+            with contextlib.suppress(CoppiceError):
                 c.drain(self.template)
-            except CoppiceError:
-                pass
         return r

@@ -73,8 +73,10 @@ def template_build(name: str, force: bool) -> None:
         record, built = builder.build(name, force=force)
     took = time.monotonic() - started
     verb = "built" if built else "up to date:"
-    out.print(f"{verb} template {record.name} ({record.substrate}, recipe "
-              f"{record.recipe_hash[:12]}, {record.size_bytes / 2**20:.0f} MiB) in {took:.1f} s")
+    out.print(
+        f"{verb} template {record.name} ({record.substrate}, recipe "
+        f"{record.recipe_hash[:12]}, {record.size_bytes / 2**20:.0f} MiB) in {took:.1f} s"
+    )
 
 
 @template.command("list")
@@ -92,9 +94,14 @@ def template_list(as_json: bool) -> None:
     for col in ("name", "substrate", "recipe", "size", "built", "build time"):
         table.add_column(col)
     for r in records:
-        table.add_row(r.name, r.substrate, r.recipe_hash[:12], f"{r.size_bytes / 2**20:.0f} MiB",
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r.built_at)),
-                      f"{r.build_seconds:.1f} s")
+        table.add_row(
+            r.name,
+            r.substrate,
+            r.recipe_hash[:12],
+            f"{r.size_bytes / 2**20:.0f} MiB",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.built_at)),
+            f"{r.build_seconds:.1f} s",
+        )
     out.print(table)
 
 
@@ -122,9 +129,11 @@ def pool_init() -> None:
     c.init_host()
     PoolKey.at(c.settings.keys_dir).ensure()
     _print_reconcile(c.reconcile(), quiet=True)
-    out.print(f"host ready: state in {c.settings.state_dir}, jail bridge "
-              f"{c.settings.jail_network.bridge} ({c.settings.jail_network.gateway}/"
-              f"{c.settings.jail_network.prefixlen})")
+    out.print(
+        f"host ready: state in {c.settings.state_dir}, jail bridge "
+        f"{c.settings.jail_network.bridge} ({c.settings.jail_network.gateway}/"
+        f"{c.settings.jail_network.prefixlen})"
+    )
 
 
 @pool.command("deinit")
@@ -141,9 +150,11 @@ def pool_warm(template_name: str, count: int) -> None:
     """Start COUNT entries of TEMPLATE, wait until they answer, pause them."""
     with RichProgress() as progress:
         report = _controller(progress).warm(template_name, count)
-    out.print(f"warmed {len(report.started)}/{report.requested} × {template_name} in "
-              f"{report.seconds:.2f} s ({len(report.started) / max(report.seconds, 1e-9):.1f}"
-              " entries/s)")
+    out.print(
+        f"warmed {len(report.started)}/{report.requested} x {template_name} in "
+        f"{report.seconds:.2f} s ({len(report.started) / max(report.seconds, 1e-9):.1f}"
+        " entries/s)"
+    )
     if report.failures:
         raise CoppiceError(f"{len(report.failures)} entries failed; first: {report.failures[0]}")
 
@@ -211,9 +222,19 @@ def ssh(entry_id: str, command: tuple[str, ...]) -> None:
     c = _controller(reconcile=False)
     e = c.store.get(entry_id)
     key = PoolKey.at(c.settings.keys_dir)
-    argv = ["ssh", "-i", str(key.private_path), "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", f"root@{e.ip}",
-            *command]
+    argv = [
+        "ssh",
+        "-i",
+        str(key.private_path),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        f"root@{e.ip}",
+        *command,
+    ]
     os.execvp("ssh", argv)
 
 
@@ -231,8 +252,10 @@ def smoke(template_name: str, count: int, keep: bool) -> None:
         out.print(f"{mark} {g.name:<16} {g.detail}")
     out.print()
     out.print(f"{'template':<10}{'pool_size':<11}{'warm_s':<8}{'checkout_ms':<13}{'py_result'}")
-    out.print(f"{report.template:<10}{report.pool_size:<11}{report.warm_s:<8.2f}"
-              f"{report.checkout_ms:<13.2f}{report.py_result or '-'}")
+    out.print(
+        f"{report.template:<10}{report.pool_size:<11}{report.warm_s:<8.2f}"
+        f"{report.checkout_ms:<13.2f}{report.py_result or '-'}"
+    )
     out.print()
     failed = report.failed_gate
     if failed is not None:
@@ -241,8 +264,9 @@ def smoke(template_name: str, count: int, keep: bool) -> None:
     out.print("ALL GATES PASSED")
     if keep:
         rep = c.warm(template_name, count)
-        out.print(f"pool {template_name} kept warm: {len(rep.started)} entries "
-                  f"(`coppice pool list`)")
+        out.print(
+            f"pool {template_name} kept warm: {len(rep.started)} entries (`coppice pool list`)"
+        )
 
 
 def main() -> None:
@@ -255,7 +279,7 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except CoppiceError as exc:
-        err.print(f"error: {exc}", highlight=False, markup=False)
+        click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

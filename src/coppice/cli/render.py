@@ -26,21 +26,30 @@ class RichProgress:
 
     def __init__(self) -> None:
         self._bar = Progress(
-            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-            MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-            console=err, transient=False,
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
         )
         self._task: TaskID | None = None
         self._started = time.monotonic()
 
     def __enter__(self) -> RichProgress:
-        self._bar.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._bar.stop()
+        if self._task is not None:
+            self._bar.stop()
 
     def stage(self, name: str, total: int | None = None) -> None:
+        # The display starts with the first stage, so a command that fails its checks
+        # prints its one-line error and nothing else.
+        if self._task is None:
+            self._bar.start()
         if self._task is not None:
             self._bar.update(self._task, completed=self._bar.tasks[-1].total or 0)
             self._bar.stop_task(self._task)
@@ -63,6 +72,13 @@ def entries_table(entries: list[EntryRecord]) -> None:
     now = time.time()
     for e in entries:
         pid = (e.handle or {}).get("pid")
-        table.add_row(e.id, e.template, e.substrate, e.state.value, e.ip,
-                      str(pid) if pid else "-", f"{now - e.created_at:.0f}s")
+        table.add_row(
+            e.id,
+            e.template,
+            e.substrate,
+            e.state.value,
+            e.ip,
+            str(pid) if pid else "-",
+            f"{now - e.created_at:.0f}s",
+        )
     out.print(table)

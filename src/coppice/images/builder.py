@@ -52,27 +52,36 @@ PrintMotd no
 """
 
 
-
-
 def _guest_file(name: str) -> bytes:
     return resources.files("coppice.guest").joinpath(name).read_bytes()
 
 
 def recipe_hash(r: Recipe, pool_public_key: str, uid_base: int, sshd_config: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({
-        "builder": BUILDER_VERSION, "name": r.name, "substrate": r.substrate,
-        "suite": r.suite, "packages": list(r.packages), "key": pool_public_key,
-        "uid_base": uid_base, "sshd": sshd_config,
-    }, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "builder": BUILDER_VERSION,
+                "name": r.name,
+                "substrate": r.substrate,
+                "suite": r.suite,
+                "packages": list(r.packages),
+                "key": pool_public_key,
+                "uid_base": uid_base,
+                "sshd": sshd_config,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for name in sorted(GUEST_FILES):
         h.update(name.encode() + b"\0" + _guest_file(name))
     return h.hexdigest()
 
 
 def base_hash(r: Recipe) -> str:
-    key = json.dumps({"builder": BUILDER_VERSION, "suite": r.suite,
-                      "packages": list(r.packages)}, sort_keys=True)
+    key = json.dumps(
+        {"builder": BUILDER_VERSION, "suite": r.suite, "packages": list(r.packages)}, sort_keys=True
+    )
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -100,8 +109,9 @@ def _du(path: Path) -> int:
 
 
 def _openssh_version(rootfs: Path) -> tuple[int, int]:
-    done = subprocess.run(["chroot", str(rootfs), "ssh", "-V"], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        ["chroot", str(rootfs), "ssh", "-V"], capture_output=True, text=True, check=False
+    )
     m = re.search(r"OpenSSH_(\d+)\.(\d+)", done.stderr + done.stdout)
     if not m:
         raise TemplateBuildError(f"cannot tell the OpenSSH version in {rootfs}: {done.stderr}")
@@ -137,12 +147,16 @@ class TemplateBuilder:
             work.mkdir(parents=True)
             try:
                 self.progress.stage("copying the base root filesystem")
-                subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(work / "rootfs")],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    ["cp", "-a", "--reflink=auto", str(base), str(work / "rootfs")],
+                    check=True,
+                    capture_output=True,
+                )
                 self.progress.stage("customising (sshd, pool key, agent, user)")
                 self._customise(work / "rootfs", r, key, digest)
-                self.progress.stage(f"shifting owners into the jail id range "
-                                    f"(+{self.settings.jail_uid_base})")
+                self.progress.stage(
+                    f"shifting owners into the jail id range (+{self.settings.jail_uid_base})"
+                )
                 shift_ownership(work / "rootfs", self.settings.jail_uid_base)
                 size = _du(work / "rootfs")
                 if final.exists():
@@ -152,9 +166,13 @@ class TemplateBuilder:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
             record = TemplateRecord(
-                name=name, substrate=r.substrate, recipe_hash=digest,
-                rootfs=str(final / "rootfs"), built_at=time.time(),
-                build_seconds=time.monotonic() - started, size_bytes=size,
+                name=name,
+                substrate=r.substrate,
+                recipe_hash=digest,
+                rootfs=str(final / "rootfs"),
+                built_at=time.time(),
+                build_seconds=time.monotonic() - started,
+                size_bytes=size,
             )
             self.store.put_template(record)
             self._prune_old_versions(name, keep=digest)
@@ -209,12 +227,16 @@ class TemplateBuilder:
     def _debootstrap(self, r: Recipe, mirror: str, target: Path) -> None:
         self.settings.deb_cache_dir.mkdir(parents=True, exist_ok=True)
         argv = [
-            "debootstrap", "--variant=minbase", f"--cache-dir={self.settings.deb_cache_dir}",
-            f"--include={','.join(r.packages)}", r.suite, str(target), mirror,
+            "debootstrap",
+            "--variant=minbase",
+            f"--cache-dir={self.settings.deb_cache_dir}",
+            f"--include={','.join(r.packages)}",
+            r.suite,
+            str(target),
+            mirror,
         ]
         self.progress.stage(f"debootstrap {r.suite} + {len(r.packages)} packages")
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         tail: list[str] = []
         for line in proc.stdout:
@@ -252,10 +274,24 @@ class TemplateBuilder:
             path.write_bytes(_guest_file(src))
             path.chmod(mode)
         if not (root / "home/user").exists():
-            subprocess.run(["chroot", str(root), "useradd", "--create-home", "--uid", "1000",
-                            "--shell", "/bin/bash", "user"], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "chroot",
+                    str(root),
+                    "useradd",
+                    "--create-home",
+                    "--uid",
+                    "1000",
+                    "--shell",
+                    "/bin/bash",
+                    "user",
+                ],
+                check=True,
+                capture_output=True,
+            )
         (root / "etc/coppice-template").write_text(
-            f"COPPICE_TEMPLATE={r.name}\nCOPPICE_RECIPE={digest}\n")
+            f"COPPICE_TEMPLATE={r.name}\nCOPPICE_RECIPE={digest}\n"
+        )
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in (root / junk).glob("*"):
                 if path.is_file():

@@ -51,10 +51,13 @@ def _deb822_sources(text: str) -> list[AptSource]:
         if fields.get("enabled", "yes").lower() == "no":
             continue
         for uri in fields.get("uris", "").split():
-            found.append(AptSource(
-                uri, tuple(fields.get("suites", "").split()),
-                tuple(fields.get("components", "").split()),
-            ))
+            found.append(
+                AptSource(
+                    uri,
+                    tuple(fields.get("suites", "").split()),
+                    tuple(fields.get("components", "").split()),
+                )
+            )
     return found
 
 

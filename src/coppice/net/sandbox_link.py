@@ -50,7 +50,9 @@ class SandboxLink:
                         f"bridge {self.bridge.name} is missing; run `coppice pool init`"
                     )
                 ipr.link(
-                    "add", ifname=host_if, kind="veth",
+                    "add",
+                    ifname=host_if,
+                    kind="veth",
                     peer={"ifname": "eth0", "net_ns_fd": name, "address": mac_for(ip)},
                 )
                 idx = ipr.link_lookup(ifname=host_if)[0]
@@ -61,7 +63,9 @@ class SandboxLink:
                 eth0 = inner.link_lookup(ifname="eth0")[0]
                 lo = inner.link_lookup(ifname="lo")[0]
                 inner.addr(
-                    "add", index=eth0, address=str(ipaddress.IPv4Address(ip)),
+                    "add",
+                    index=eth0,
+                    address=str(ipaddress.IPv4Address(ip)),
                     prefixlen=self.network.prefixlen,
                 )
                 inner.link("set", index=lo, state="up")
@@ -89,11 +93,13 @@ class SandboxLink:
         found: set[str] = set()
         if NETNS_DIR.is_dir():
             found.update(
-                p.name[len(self.prefix):] for p in NETNS_DIR.iterdir()
+                p.name[len(self.prefix) :]
+                for p in NETNS_DIR.iterdir()
                 if p.name.startswith(self.prefix)
             )
         found.update(
-            n[len(HOST_LINK_PREFIX):] for n in self.bridge.port_names()
+            n[len(HOST_LINK_PREFIX) :]
+            for n in self.bridge.port_names()
             if n.startswith(HOST_LINK_PREFIX)
         )
         return found

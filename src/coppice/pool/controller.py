@@ -7,6 +7,8 @@ and reports each failure as the error that names its fix.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,8 +62,11 @@ def default_substrates(settings: Settings) -> dict[str, Substrate]:
 
 class PoolController:
     def __init__(
-        self, settings: Settings, store: Store | None = None,
-        substrates: dict[str, Substrate] | None = None, progress: Progress | None = None,
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        substrates: dict[str, Substrate] | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.settings = settings
         self.store = store or Store(settings.database_path)
@@ -113,11 +118,14 @@ class PoolController:
         sub.prepare_host()
         started = time.monotonic()
         entries = self.store.reserve(
-            template.name, template.substrate, count,
-            self._addresses(template.substrate), hostname_prefix=template.name,
+            template.name,
+            template.substrate,
+            count,
+            self._addresses(template.substrate),
+            hostname_prefix=template.name,
         )
         report = WarmReport(template.name, count)
-        self.progress.stage(f"warming {count} × {template.name}", total=count)
+        self.progress.stage(f"warming {count} x {template.name}", total=count)
         self._bring_up_all(template, entries, report)
         report.seconds = time.monotonic() - started
         return report
@@ -147,10 +155,9 @@ class PoolController:
             return self.store.apply(entry.id, Event.READY).entry
         except (CoppiceError, OSError) as exc:
             error = exc if isinstance(exc, CoppiceError) else SubstrateError(str(exc))
-            try:
+            # Drained while it was warming: the drain tears it down instead.
+            with contextlib.suppress(IllegalTransition, EntryNotFound):
                 self._perform(self.store.apply(entry.id, Event.FAIL, str(error)))
-            except (IllegalTransition, EntryNotFound):
-                pass  # drained while it was warming; the drain tears it down
             raise error from exc
 
     # -- checkout / return --------------------------------------------------------------------
@@ -200,8 +207,11 @@ class PoolController:
         return self.store.list_entries(template_name)
 
     def _owned_by_live_other(self, e: EntryRecord) -> bool:
-        if e.state not in (State.WARMING, State.RETURNING, State.FAILED):
-            return False
+        transient = e.state in (State.WARMING, State.RETURNING, State.FAILED)
+        return transient and self._owner_alive_elsewhere(e)
+
+    def _owner_alive_elsewhere(self, e: EntryRecord) -> bool:
+        """The entry's owner is a running process other than this one."""
         if e.owner_pid is None or e.owner_start is None:
             return False
         owner = ProcessIdentity(e.owner_pid, e.owner_start)
@@ -213,7 +223,6 @@ class PoolController:
         """Carry out a transition's actions; returns the replacement entry if one was made."""
         entry = applied.entry
         replacement: EntryRecord | None = None
-        template = None
         for action in applied.actions:
             sub = self.substrate(entry.substrate)
             if action is Action.RESUME:
@@ -229,8 +238,11 @@ class PoolController:
                 except CoppiceError:
                     continue  # its template was removed; nothing to respawn from
                 (fresh,) = self.store.reserve(
-                    template.name, template.substrate, 1,
-                    self._addresses(template.substrate), hostname_prefix=template.name,
+                    template.name,
+                    template.substrate,
+                    1,
+                    self._addresses(template.substrate),
+                    hostname_prefix=template.name,
                 )
                 replacement = self._bring_up(template, fresh)
         return replacement
@@ -244,21 +256,19 @@ class PoolController:
             host_ids |= sub.host_objects().all_ids()
         observations = []
         for e in self.store.list_entries():
-            sub = self.substrates.get(e.substrate)
-            alive = sub.is_alive(e.id, e.handle) if sub is not None else False
-            owner_alive = (
-                e.owner_pid is not None and e.owner_start is not None
-                and ProcessIdentity(e.owner_pid, e.owner_start).is_running()
-                and ProcessIdentity(e.owner_pid, e.owner_start) != self.store.owner
+            known = self.substrates.get(e.substrate)
+            alive = known.is_alive(e.id, e.handle) if known is not None else False
+            observations.append(
+                reconcile_rules.Observation(e, alive, self._owner_alive_elsewhere(e))
             )
-            observations.append(reconcile_rules.Observation(e, alive, owner_alive))
         decided = reconcile_rules.plan(observations, host_ids, time.time())
         for e in decided.dead + decided.orphaned:
             self._fix(e, report)
         for entry_id in decided.leftovers:
             for sub in self.substrates.values():
-                self._attempt(report, f"leftover {entry_id}", lambda s=sub, i=entry_id:
-                              s.destroy(i, None))
+                self._attempt(
+                    report, f"leftover {entry_id}", functools.partial(sub.destroy, entry_id, None)
+                )
             report.leftovers_removed.append(entry_id)
         return report
 

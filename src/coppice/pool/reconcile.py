@@ -45,5 +45,3 @@ def plan(observations: list[Observation], host_ids: set[str], now: float) -> Rec
             dead.append(e)
     known = {ob.entry.id for ob in observations}
     return ReconcilePlan(dead, orphaned, sorted(host_ids - known))
-
-

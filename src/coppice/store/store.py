@@ -93,7 +93,11 @@ class Store:
             self._local.conn = None
 
     def _event(
-        self, conn: sqlite3.Connection, kind: str, entry_id: str | None, template: str | None,
+        self,
+        conn: sqlite3.Connection,
+        kind: str,
+        entry_id: str | None,
+        template: str | None,
         detail: str = "",
     ) -> None:
         conn.execute(
@@ -108,8 +112,13 @@ class Store:
             conn.execute(
                 "INSERT OR REPLACE INTO templates VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    record.name, record.substrate, record.recipe_hash, record.rootfs,
-                    record.built_at, record.build_seconds, record.size_bytes,
+                    record.name,
+                    record.substrate,
+                    record.recipe_hash,
+                    record.rootfs,
+                    record.built_at,
+                    record.build_seconds,
+                    record.size_bytes,
                 ),
             )
             self._event(conn, "template_built", None, record.name, record.recipe_hash)
@@ -132,14 +141,20 @@ class Store:
     # -- entries ----------------------------------------------------------------------------
 
     def reserve(
-        self, template: str, substrate: str, count: int,
-        addresses: Sequence[Any], hostname_prefix: str,
+        self,
+        template: str,
+        substrate: str,
+        count: int,
+        addresses: Sequence[Any],
+        hostname_prefix: str,
     ) -> list[EntryRecord]:
         """Create `count` entries in WARMING, each with its own free address, atomically."""
         now = time.time()
         with self._write() as conn:
-            held = [r[0] for r in conn.execute(
-                "SELECT ip FROM entries WHERE substrate = ?", (substrate,))]
+            held = [
+                r[0]
+                for r in conn.execute("SELECT ip FROM entries WHERE substrate = ?", (substrate,))
+            ]
             picked = ipam.pick_free(addresses, held, count)
             if len(picked) < count:
                 raise CapacityExceeded(
@@ -154,9 +169,17 @@ class Store:
                     " owner_pid, owner_start, deadline, created_at, updated_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        entry_id, template, substrate, State.WARMING.value, str(addr),
-                        f"{hostname_prefix}-{entry_id}", self.owner.pid, self.owner.start_time,
-                        deadline_for(State.WARMING, now), now, now,
+                        entry_id,
+                        template,
+                        substrate,
+                        State.WARMING.value,
+                        str(addr),
+                        f"{hostname_prefix}-{entry_id}",
+                        self.owner.pid,
+                        self.owner.start_time,
+                        deadline_for(State.WARMING, now),
+                        now,
+                        now,
                     ),
                 )
                 self._event(conn, "reserved", entry_id, template, str(addr))
@@ -183,16 +206,15 @@ class Store:
             rows = self._conn().execute("SELECT * FROM entries ORDER BY created_at, id")
         else:
             rows = self._conn().execute(
-                "SELECT * FROM entries WHERE template = ? ORDER BY created_at, id", (template,))
+                "SELECT * FROM entries WHERE template = ? ORDER BY created_at, id", (template,)
+            )
         return [EntryRecord.from_row(r) for r in rows.fetchall()]
 
     def apply(self, entry_id: str, event: Event, detail: str = "") -> Applied:
         with self._write() as conn:
             return self._apply(conn, entry_id, event, detail)
 
-    def _apply(
-        self, conn: sqlite3.Connection, entry_id: str, event: Event, detail: str
-    ) -> Applied:
+    def _apply(self, conn: sqlite3.Connection, entry_id: str, event: Event, detail: str) -> Applied:
         row = conn.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
         if row is None:
             raise EntryNotFound(entry_id)
@@ -210,10 +232,15 @@ class Store:
             " checked_out_at = CASE WHEN ? THEN ? ELSE checked_out_at END"
             " WHERE id = ?",
             (
-                step.state.value, deadline_for(step.state, now),
-                self.owner.pid, self.owner.start_time, now,
-                step.state is State.AVAILABLE, now,
-                event is Event.CHECKOUT, now,
+                step.state.value,
+                deadline_for(step.state, now),
+                self.owner.pid,
+                self.owner.start_time,
+                now,
+                step.state is State.AVAILABLE,
+                now,
+                event is Event.CHECKOUT,
+                now,
                 entry_id,
             ),
         )
@@ -232,18 +259,24 @@ class Store:
                 raise PoolExhausted(template)
             return self._apply(conn, row[0], Event.CHECKOUT, "")
 
-    def apply_if_unchanged(self, seen: EntryRecord, event: Event, detail: str = "") -> Applied | None:
+    def apply_if_unchanged(
+        self, seen: EntryRecord, event: Event, detail: str = ""
+    ) -> Applied | None:
         """Apply `event` only if nobody touched the entry since `seen` was read."""
         with self._write() as conn:
             row = conn.execute(
-                "SELECT updated_at, state FROM entries WHERE id = ?", (seen.id,)).fetchone()
+                "SELECT updated_at, state FROM entries WHERE id = ?", (seen.id,)
+            ).fetchone()
             if row is None or row[0] != seen.updated_at or row[1] != seen.state.value:
                 return None
             return self._apply(conn, seen.id, event, detail)
 
     def events(self, limit: int = 100) -> list[sqlite3.Row]:
-        return self._conn().execute(
-            "SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return (
+            self._conn()
+            .execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+            .fetchall()
+        )
 
 
 def _translate(exc: sqlite3.OperationalError) -> Exception:

@@ -7,6 +7,7 @@ kill-everything, and removal. `detect()` picks the one the host runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -68,10 +69,8 @@ def _kill_frozen(driver: CgroupDriver, name: str, timeout_s: float) -> None:
         return
     driver.freeze(name)
     for pid in driver.pids(name):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     driver.thaw(name)
     _wait_for(lambda: not driver.pids(name), timeout_s, f"cgroup {name} to empty")
 

@@ -17,6 +17,7 @@ The launch is a chain of execs, so the recorded pid stays the jail's top process
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -43,8 +44,17 @@ REQUIRED_TOOLS = {
 # CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE, ...) is dropped. They are capabilities of the
 # jail's own user namespace, never of the host.
 CAPABILITIES = (
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
-    "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_AUDIT_WRITE",
 )
 # Runs in the entry's network namespace as host root, before any namespace of the jail's own:
 # ports below 1024 open to the jail's root (whose capabilities do not reach this namespace),
@@ -118,7 +128,9 @@ class JailSubstrate:
             return
         done = subprocess.run(
             ["usermod", "--add-subuids", f"{lo}-{hi}", "--add-subgids", f"{lo}-{hi}", "root"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if done.returncode != 0:
             raise PrerequisiteMissing(
@@ -134,14 +146,20 @@ class JailSubstrate:
         merged = entry_dir / "merged"
         entry_dir.mkdir(parents=True, exist_ok=False)
         mounts.mount(
-            "tmpfs", entry_dir, "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV,
+            "tmpfs",
+            entry_dir,
+            "tmpfs",
+            mounts.MS_NOSUID | mounts.MS_NODEV,
             f"size={spec.limits.disk_mb}m,mode=0755",
         )
         for sub in ("upper", "work", "merged"):
             (entry_dir / sub).mkdir()
         os.chown(entry_dir / "upper", base, base)
         mounts.mount(
-            "overlay", merged, "overlay", 0,
+            "overlay",
+            merged,
+            "overlay",
+            0,
             f"lowerdir={spec.template.rootfs},upperdir={entry_dir}/upper,workdir={entry_dir}/work",
         )
         self._inject_identity(merged, spec)
@@ -154,8 +172,12 @@ class JailSubstrate:
             argv = self._argv(spec, merged, filter_fd)
             with open(entry_dir / "console.log", "ab") as log:
                 proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    pass_fds=(filter_fd,), start_new_session=True,
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=(filter_fd,),
+                    start_new_session=True,
                 )
         finally:
             os.close(filter_fd)
@@ -177,27 +199,59 @@ class JailSubstrate:
         for cap in CAPABILITIES:
             caps += ["--cap-add", cap]
         return [
-            "nsenter", f"--net={self.link.netns_path(spec.entry_id)}", "--",
-            "sh", "-c", LAUNCHER, "sh",
-            *(str(p) for p in self.cgroups.join_files(spec.entry_id)), "--",
-            "unshare", "--user", f"--map-users={ids}", f"--map-groups={ids}",
-            "--setuid", "0", "--setgid", "0", "--",
+            "nsenter",
+            f"--net={self.link.netns_path(spec.entry_id)}",
+            "--",
+            "sh",
+            "-c",
+            LAUNCHER,
+            "sh",
+            *(str(p) for p in self.cgroups.join_files(spec.entry_id)),
+            "--",
+            "unshare",
+            "--user",
+            f"--map-users={ids}",
+            f"--map-groups={ids}",
+            "--setuid",
+            "0",
+            "--setgid",
+            "0",
+            "--",
             "bwrap",
-            "--bind", str(merged), "/",
-            "--proc", "/proc",
-            "--dev", "/dev",
-            "--tmpfs", "/dev/shm",
-            "--tmpfs", "/run",
-            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--hostname", spec.hostname,
+            "--bind",
+            str(merged),
+            "/",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/dev/shm",
+            "--tmpfs",
+            "/run",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            spec.hostname,
             "--new-session",
-            "--cap-drop", "ALL", *caps,
-            "--seccomp", str(filter_fd),
+            "--cap-drop",
+            "ALL",
+            *caps,
+            "--seccomp",
+            str(filter_fd),
             "--clearenv",
-            "--setenv", "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "--setenv", "HOME", "/root",
-            "--chdir", "/root",
-            "--", INIT_PATH,
+            "--setenv",
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "--setenv",
+            "HOME",
+            "/root",
+            "--chdir",
+            "/root",
+            "--",
+            INIT_PATH,
         ]
 
     def _inject_identity(self, root: Path, spec: SpawnSpec) -> None:
@@ -236,7 +290,11 @@ class JailSubstrate:
 
     def wait_ready(self, spec: SpawnSpec, handle: Handle, timeout_s: float) -> None:
         readiness.wait_until_answering(
-            spec.entry_id, spec.ip, AGENT_PORT, SSH_PORT, timeout_s,
+            spec.entry_id,
+            spec.ip,
+            AGENT_PORT,
+            SSH_PORT,
+            timeout_s,
             is_alive=lambda: self.is_alive(spec.entry_id, handle),
             diagnostics=lambda: self.console_tail(spec.entry_id),
         )
@@ -281,7 +339,7 @@ class JailSubstrate:
             attempt("reap", lambda: child.wait(timeout=5))
         entry_dir = self.entry_dir(entry_id)
         for point in mounts.mounts_under(entry_dir):
-            attempt(f"unmount {point}", lambda p=point: mounts.unmount(p))  # type: ignore[misc]
+            attempt(f"unmount {point}", functools.partial(mounts.unmount, point))
         attempt("remove directory", lambda: _rmtree_if_exists(entry_dir))
         attempt("remove network", lambda: self.link.remove(entry_id))
         attempt("remove cgroups", lambda: self.cgroups.remove(entry_id))
@@ -292,15 +350,18 @@ class JailSubstrate:
         entries_dir = self.settings.entries_dir
         dirs = {p.name for p in entries_dir.iterdir()} if entries_dir.is_dir() else set()
         mounted = {
-            p.relative_to(entries_dir).parts[0] for p in mounts.mounts_under(entries_dir)
+            p.relative_to(entries_dir).parts[0]
+            for p in mounts.mounts_under(entries_dir)
             if p != entries_dir
         }
-        return HostObjects({
-            "cgroups": self.cgroups.names(),
-            "network": self.link.entry_ids(),
-            "directories": dirs,
-            "mounts": mounted,
-        })
+        return HostObjects(
+            {
+                "cgroups": self.cgroups.names(),
+                "network": self.link.entry_ids(),
+                "directories": dirs,
+                "mounts": mounted,
+            }
+        )
 
 
 def _rmtree_if_exists(path: Path) -> None:

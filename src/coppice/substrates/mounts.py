@@ -18,14 +18,18 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def mount(source: str, target: Path, fstype: str, flags: int = 0, data: str = "") -> None:
-    rc = _libc.mount(source.encode(), str(target).encode(), fstype.encode(), flags,
-                     data.encode())
+    rc = _libc.mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode())
     if rc != 0:
         err = ctypes.get_errno()
         message = f"cannot mount {fstype} on {target}: {os.strerror(err)}"

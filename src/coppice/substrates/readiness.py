@@ -46,8 +46,13 @@ def agent_health(ip: str, port: int, timeout_s: float = 1.0) -> bytes:
 
 
 def wait_until_answering(
-    entry_id: str, ip: str, agent_port: int, ssh_port: int, timeout_s: float,
-    is_alive: Callable[[], bool], diagnostics: Callable[[], str],
+    entry_id: str,
+    ip: str,
+    agent_port: int,
+    ssh_port: int,
+    timeout_s: float,
+    is_alive: Callable[[], bool],
+    diagnostics: Callable[[], str],
 ) -> None:
     deadline = time.monotonic() + timeout_s
     delay = 0.002

@@ -18,19 +18,51 @@ import pyseccomp
 
 DENIED_SYSCALLS: tuple[str, ...] = (
     # kernel modules and kexec
-    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
     # eBPF and perf: large kernel attack surface, and perf reads host-wide state
-    "bpf", "perf_event_open",
+    "bpf",
+    "perf_event_open",
     # kernel keyrings are not namespaced
-    "keyctl", "add_key", "request_key",
+    "keyctl",
+    "add_key",
+    "request_key",
     # mounts and namespaces
-    "mount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsconfig",
-    "fsmount", "fspick", "mount_setattr", "unshare", "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "unshare",
+    "setns",
     # host-wide clocks, swap, power, accounting, quotas, raw I/O ports
-    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "swapon", "swapoff",
-    "reboot", "acct", "quotactl", "iopl", "ioperm", "syslog", "vhangup",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "acct",
+    "quotactl",
+    "iopl",
+    "ioperm",
+    "syslog",
+    "vhangup",
     # historically exploitable or obsolete
-    "userfaultfd", "open_by_handle_at", "name_to_handle_at", "lookup_dcookie", "uselib",
+    "userfaultfd",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "lookup_dcookie",
+    "uselib",
     "nfsservctl",
 )
 
@@ -74,4 +106,3 @@ def ensure_filter_file(directory: Path) -> Path:
         tmp.write_bytes(program)
         tmp.replace(path)
     return path
-

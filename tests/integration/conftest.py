@@ -1,0 +1,114 @@
+"""Integration fixtures: a private Coppice instance with real jails, torn down completely.
+
+The instance has its own state directory, run directory, cgroup/netns prefix, bridge and
+subnet (10.79.0.0/24), so it never touches a production pool on the same host. Its template
+is built from scratch (only the host-level .deb cache is reused): this is the image-build gate.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coppice.config import Settings
+from coppice.images.builder import TemplateBuilder
+from coppice.pool.controller import PoolController
+from coppice.store.records import TemplateRecord
+from coppice.store.store import Store
+
+from .hostscan import HostSnapshot
+
+pytestmark = pytest.mark.integration
+
+TEST_NAMESPACE = "coppice-test"
+TEST_BRIDGE = "coppicetest0"
+TEST_SUBNET = "10.79.0.0/24"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="integration tests start real jails and need root")
+        for item in items:
+            if "integration" in str(item.fspath):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def instance_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="coppice-it-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def config_file(instance_dir: Path) -> Path:
+    path = instance_dir / "config.toml"
+    path.write_text(
+        f'state_dir = "{instance_dir / "state"}"\n'
+        f'run_dir = "/run/{TEST_NAMESPACE}"\n'
+        f'namespace = "{TEST_NAMESPACE}"\n'
+        f"[jail_network]\n"
+        f'bridge = "{TEST_BRIDGE}"\n'
+        f'subnet = "{TEST_SUBNET}"\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(config_file: Path) -> Settings:
+    return Settings.load({"COPPICE_CONFIG": str(config_file)})
+
+
+@pytest.fixture(scope="session")
+def cli_env(config_file: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["COPPICE_CONFIG"] = str(config_file)
+    return env
+
+
+@pytest.fixture(scope="session")
+def host_before() -> HostSnapshot:
+    return HostSnapshot.take(TEST_NAMESPACE)
+
+
+@pytest.fixture(scope="session")
+def controller(settings: Settings, host_before: HostSnapshot) -> Iterator[PoolController]:
+    c = PoolController(settings, Store(settings.database_path))
+    c.init_host()
+    yield c
+    for t in c.store.list_templates():
+        c.drain(t.name)
+    c.deinit_host()
+    after = HostSnapshot.take(TEST_NAMESPACE)
+    leaked = after.minus(host_before)
+    assert not leaked, f"integration tests leaked host objects: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def template(controller: PoolController) -> TemplateRecord:
+    record, _built = TemplateBuilder(controller.settings, controller.store).build("python")
+    return record
+
+
+@pytest.fixture()
+def pool(controller: PoolController, template: TemplateRecord) -> Iterator[PoolController]:
+    """The controller with an empty pool before and after the test."""
+    controller.drain(template.name)
+    yield controller
+    controller.drain(template.name)
+    controller.reconcile()
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("coppice") or str(Path(__file__).parents[2] / ".venv/bin/coppice")
+    return subprocess.run(
+        [exe, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )

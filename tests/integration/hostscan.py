@@ -1,0 +1,57 @@
+"""What an instance owns on the host right now, to prove tests leave nothing behind."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    mounts: frozenset[str]
+    links: frozenset[str]
+    netns: frozenset[str]
+    cgroups: frozenset[str]
+    processes: frozenset[str]
+
+    @classmethod
+    def take(cls, namespace: str) -> HostSnapshot:
+        mounts = frozenset(
+            line.split()[1]
+            for line in Path("/proc/mounts").read_text().splitlines()
+            if namespace in line.split()[1]
+        )
+        links = frozenset(
+            line.split(": ")[1].split("@")[0]
+            for line in subprocess.run(
+                ["ip", "-o", "link"], capture_output=True, text=True, check=True
+            ).stdout.splitlines()
+            if line.split(": ")[1].startswith(("copp", "veth"))
+        )
+        netns_dir = Path("/run/netns")
+        netns = (
+            frozenset(p.name for p in netns_dir.iterdir() if p.name.startswith(namespace))
+            if netns_dir.is_dir()
+            else frozenset()
+        )
+        cgroups = frozenset(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{namespace}*"))
+        cgroups |= frozenset(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{namespace}/*"))
+        procs = frozenset(
+            line
+            for line in subprocess.run(
+                ["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True
+            ).stdout.splitlines()
+            if f"/run/{namespace}/" in line
+        )
+        return cls(mounts, links, netns, cgroups, procs)
+
+    def minus(self, before: HostSnapshot) -> dict[str, set[str]]:
+        diff = {
+            "mounts": set(self.mounts - before.mounts),
+            "links": set(self.links - before.links),
+            "netns": set(self.netns - before.netns),
+            "cgroups": set(self.cgroups - before.cgroups),
+            "processes": set(self.processes - before.processes),
+        }
+        return {k: v for k, v in diff.items() if v}

@@ -1,0 +1,97 @@
+"""Reconcile after the worst: kill -9 of a sandbox, of a warm half-way, unknown leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from coppice.pool.controller import PoolController
+from coppice.pool.lifecycle import State
+from coppice.substrates.base import AGENT_PORT
+from coppice.substrates.readiness import agent_health
+
+from .conftest import TEST_NAMESPACE, run_cli
+from .hostscan import HostSnapshot
+
+pytestmark = pytest.mark.integration
+
+
+def _host_ids(pool: PoolController) -> set[str]:
+    ids: set[str] = set()
+    for sub in pool.substrates.values():
+        ids |= sub.host_objects().all_ids()
+    return ids
+
+
+def test_kill9_of_a_sandbox_is_replaced(pool: PoolController) -> None:
+    pool.warm("python", 2)
+    before = HostSnapshot.take(TEST_NAMESPACE)
+    # A running (checked-out) sandbox: the v1 freezer holds signals to frozen ones until thaw.
+    victim = pool.checkout("python")
+    (survivor,) = [e for e in pool.list("python") if e.id != victim.id]
+    os.kill(int((victim.handle or {})["pid"]), signal.SIGKILL)
+    time.sleep(0.2)
+
+    report = pool.reconcile()
+    assert any(line.startswith(victim.id) for line in report.replaced), report
+    ids = {e.id for e in pool.list("python")}
+    assert victim.id not in ids and survivor.id in ids and len(ids) == 2
+    assert all(e.state is State.AVAILABLE for e in pool.list("python"))
+    # Only the jail's top process was killed; reconcile must still end everything inside it.
+    assert _host_ids(pool) == ids
+    after = HostSnapshot.take(TEST_NAMESPACE)
+    # Same number of everything: one entry's objects swapped for another's.
+    assert len(after.mounts) == len(before.mounts)
+    assert len(after.netns) == len(before.netns)
+    assert len(after.cgroups) == len(before.cgroups)
+
+    e = pool.checkout("python")
+    assert agent_health(e.ip, AGENT_PORT)
+
+
+def test_kill9_of_a_warm_half_way(pool: PoolController, cli_env: dict[str, str]) -> None:
+    exe = str(Path(__file__).parents[2] / ".venv/bin/coppice")
+    proc = subprocess.Popen(
+        [exe, "pool", "warm", "python", "--count", "6"],
+        env=cli_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # Wait until the warm has reserved entries and started building some of them.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not _host_ids(pool):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert pool.list("python"), "the warm was killed before it reserved anything"
+
+    pool.reconcile()
+    entries = pool.list("python")
+    assert all(e.state is State.AVAILABLE for e in entries), [e.state for e in entries]
+    assert _host_ids(pool) == {e.id for e in entries}
+    assert len(entries) == 6  # interrupted entries are replaced, so the pool keeps its size
+
+
+def test_unknown_leftovers_are_removed(pool: PoolController) -> None:
+    sub = pool.substrates["jail"]
+    ghost = "0000dead00"
+    pool.settings.entries_dir.joinpath(ghost).mkdir(parents=True)
+    subprocess.run(["ip", "netns", "add", f"{TEST_NAMESPACE}-{ghost}"], check=True)
+    for c in ("memory", "pids", "cpu", "freezer"):
+        Path(f"/sys/fs/cgroup/{c}/{TEST_NAMESPACE}/{ghost}").mkdir()
+    assert ghost in sub.host_objects().all_ids()
+
+    report = pool.reconcile()
+    assert ghost in report.leftovers_removed
+    assert ghost not in sub.host_objects().all_ids()
+
+
+def test_reconcile_command_reports(pool: PoolController, cli_env: dict[str, str]) -> None:
+    done = run_cli(cli_env, "pool", "reconcile")
+    assert done.returncode == 0, done.stderr
+    assert "nothing to fix" in done.stderr

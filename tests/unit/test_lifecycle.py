@@ -1,0 +1,190 @@
+"""The pure transition table of an entry's life."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from coppice.errors import Conflict, IllegalTransition
+from coppice.pool.lifecycle import (
+    LIVE_STATES,
+    STATE_DEADLINES_S,
+    TRANSIENT_STATES,
+    Action,
+    Event,
+    State,
+    Transition,
+    deadline_for,
+    transition,
+)
+
+TEARDOWN_STATES = (State.RETURNING, State.FAILED)
+
+
+def run(start: State, events: list[Event]) -> list[Transition]:
+    steps = []
+    state = start
+    for event in events:
+        step = transition("e1", state, event)
+        steps.append(step)
+        state = step.state
+    return steps
+
+
+def test_happy_path_from_warming_to_gone() -> None:
+    steps = run(State.WARMING, [Event.READY, Event.CHECKOUT, Event.RETURN, Event.DESTROYED])
+    assert steps == [
+        Transition(State.AVAILABLE, ()),
+        Transition(State.IN_USE, (Action.RESUME,)),
+        Transition(State.RETURNING, (Action.DESTROY, Action.RESPAWN)),
+        Transition(State.GONE, (Action.FORGET,)),
+    ]
+
+
+def test_pause_and_resume_while_in_use() -> None:
+    steps = run(
+        State.AVAILABLE,
+        [Event.CHECKOUT, Event.PAUSE, Event.RESUME, Event.PAUSE, Event.RETURN, Event.DESTROYED],
+    )
+    assert [s.state for s in steps] == [
+        State.IN_USE,
+        State.PAUSED,
+        State.IN_USE,
+        State.PAUSED,
+        State.RETURNING,
+        State.GONE,
+    ]
+    assert steps[1].actions == (Action.PAUSE,)
+    assert steps[2].actions == (Action.RESUME,)
+    assert steps[4].actions == (Action.DESTROY, Action.RESPAWN)
+    assert steps[5].actions == (Action.FORGET,)
+
+
+def test_failed_warm_is_destroyed_and_not_replaced() -> None:
+    steps = run(State.WARMING, [Event.FAIL, Event.DESTROYED])
+    assert steps == [
+        Transition(State.FAILED, (Action.DESTROY,)),
+        Transition(State.GONE, (Action.FORGET,)),
+    ]
+    assert Action.RESPAWN not in steps[0].actions
+
+
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [
+        (State.AVAILABLE, Event.RETURN),
+        (State.AVAILABLE, Event.READY),
+        (State.AVAILABLE, Event.PAUSE),
+        (State.AVAILABLE, Event.RESUME),
+        (State.AVAILABLE, Event.DESTROYED),
+        (State.WARMING, Event.CHECKOUT),
+        (State.WARMING, Event.RETURN),
+        (State.WARMING, Event.DESTROYED),
+        (State.IN_USE, Event.CHECKOUT),
+        (State.IN_USE, Event.READY),
+        (State.IN_USE, Event.RESUME),
+        (State.IN_USE, Event.DESTROYED),
+        (State.PAUSED, Event.PAUSE),
+        (State.PAUSED, Event.CHECKOUT),
+        (State.RETURNING, Event.RETURN),
+        (State.RETURNING, Event.CHECKOUT),
+        (State.RETURNING, Event.READY),
+        (State.FAILED, Event.READY),
+        (State.FAILED, Event.RETURN),
+        (State.GONE, Event.DESTROYED),
+        (State.GONE, Event.DIED),
+        (State.GONE, Event.DRAIN),
+    ],
+)
+def test_illegal_transitions_raise(state: State, event: Event) -> None:
+    with pytest.raises(IllegalTransition) as info:
+        transition("abc123", state, event)
+    err = info.value
+    assert isinstance(err, Conflict)
+    assert (err.entry_id, err.state, err.event) == ("abc123", state.value, event.value)
+    assert "abc123" in str(err)
+
+
+def test_ready_twice_is_illegal() -> None:
+    first = transition("e1", State.WARMING, Event.READY)
+    with pytest.raises(IllegalTransition):
+        transition("e1", first.state, Event.READY)
+
+
+def test_return_twice_is_illegal() -> None:
+    returned = transition("e1", State.IN_USE, Event.RETURN)
+    with pytest.raises(IllegalTransition):
+        transition("e1", returned.state, Event.RETURN)
+
+
+@pytest.mark.parametrize("state", sorted(LIVE_STATES))
+def test_died_from_every_live_state_tears_down_and_respawns(state: State) -> None:
+    assert transition("e1", state, Event.DIED) == Transition(
+        State.RETURNING, (Action.DESTROY, Action.RESPAWN)
+    )
+
+
+@pytest.mark.parametrize("state", sorted(LIVE_STATES))
+def test_drain_from_every_live_state_tears_down_without_respawn(state: State) -> None:
+    assert transition("e1", state, Event.DRAIN) == Transition(State.RETURNING, (Action.DESTROY,))
+
+
+@pytest.mark.parametrize(
+    ("state", "event"), list(itertools.product(TEARDOWN_STATES, (Event.DIED, Event.DRAIN)))
+)
+def test_interrupted_teardown_is_redone_in_place(state: State, event: Event) -> None:
+    assert transition("e1", state, event) == Transition(state, (Action.DESTROY,))
+
+
+@pytest.mark.parametrize("state", TEARDOWN_STATES)
+def test_destroyed_after_teardown_forgets(state: State) -> None:
+    assert transition("e1", state, Event.DESTROYED) == Transition(State.GONE, (Action.FORGET,))
+
+
+def test_gone_accepts_no_event() -> None:
+    for event in Event:
+        with pytest.raises(IllegalTransition):
+            transition("e1", State.GONE, event)
+
+
+def test_every_state_but_gone_can_reach_gone() -> None:
+    for state in State:
+        if state is State.GONE:
+            continue
+        step = transition("e1", state, Event.DRAIN)
+        final = transition("e1", step.state, Event.DESTROYED)
+        assert final.state is State.GONE
+
+
+def test_only_forgetting_transitions_end_in_gone() -> None:
+    for state, event in itertools.product(State, Event):
+        try:
+            step = transition("e1", state, event)
+        except IllegalTransition:
+            continue
+        assert (step.state is State.GONE) == (Action.FORGET in step.actions)
+
+
+def test_respawn_only_follows_an_entry_leaving_the_pool_unasked() -> None:
+    for state, event in itertools.product(State, Event):
+        try:
+            step = transition("e1", state, event)
+        except IllegalTransition:
+            continue
+        if Action.RESPAWN in step.actions:
+            assert event in (Event.RETURN, Event.DIED)
+            assert Action.DESTROY in step.actions
+
+
+def test_state_sets() -> None:
+    assert State.GONE not in LIVE_STATES | TRANSIENT_STATES
+    assert LIVE_STATES & TRANSIENT_STATES == {State.WARMING}
+    assert set(STATE_DEADLINES_S) == set(TRANSIENT_STATES)
+
+
+def test_deadline_for() -> None:
+    assert deadline_for(State.WARMING, 1000.0) == 1000.0 + STATE_DEADLINES_S[State.WARMING]
+    assert deadline_for(State.RETURNING, 0.0) == STATE_DEADLINES_S[State.RETURNING]
+    for state in (State.AVAILABLE, State.IN_USE, State.PAUSED, State.GONE):
+        assert deadline_for(state, 1000.0) is None
