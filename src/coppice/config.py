@@ -122,22 +122,41 @@ class Settings:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> Settings:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(values) - set(known)
-        if unknown:
-            raise InvalidRequest(f"unknown settings: {', '.join(sorted(unknown))}")
-        kwargs: dict[str, Any] = {}
-        for name, raw in values.items():
-            if name in ("state_dir", "run_dir", "cache_dir"):
-                kwargs[name] = Path(raw)
-            elif name in ("jail_network", "vm_network"):
-                kwargs[name] = NetworkSettings(**raw)
-            elif name == "limits":
-                kwargs[name] = Limits(**raw)
-            elif name in ("jail_uid_base", "jail_uid_count", "spawn_parallelism"):
-                kwargs[name] = int(raw)
-            elif name == "ready_timeout_s":
-                kwargs[name] = float(raw)
-            else:
-                kwargs[name] = str(raw)
-        return cls(**kwargs)
+        try:
+            built: Settings = _build(cls, values, "")
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"invalid settings: {exc}") from exc
+        return built
+
+
+_NESTED: dict[str, type] = {
+    "jail_network": NetworkSettings,
+    "vm_network": NetworkSettings,
+    "limits": Limits,
+}
+
+
+def _build(kind: type[Any], values: dict[str, Any], where: str) -> Any:
+    """Instantiate a settings dataclass from loose values, converting each to its field type."""
+    if not isinstance(values, dict):
+        raise InvalidRequest(f"{where.rstrip('.')} must be a table, not {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise InvalidRequest(f"unknown settings: {', '.join(where + u for u in sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, raw in values.items():
+        if name in _NESTED and kind is Settings:
+            kwargs[name] = _build(_NESTED[name], raw, f"{name}.")
+            continue
+        default = getattr(kind(), name) if kind is not NetworkSettings else None
+        target = type(default) if default is not None else str
+        if name in ("first_host", "last_host"):
+            target = int
+        try:
+            kwargs[name] = Path(raw) if isinstance(default, Path) else target(raw)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(
+                f"setting {where}{name}: {raw!r} is not a valid {target.__name__}"
+            ) from exc
+    return kind(**kwargs)

@@ -179,7 +179,7 @@ def test_respawn_only_follows_an_entry_leaving_the_pool_unasked() -> None:
 
 def test_state_sets() -> None:
     assert State.GONE not in LIVE_STATES | TRANSIENT_STATES
-    assert LIVE_STATES & TRANSIENT_STATES == {State.WARMING}
+    assert LIVE_STATES.intersection(TRANSIENT_STATES) == {State.WARMING}
     assert set(STATE_DEADLINES_S) == set(TRANSIENT_STATES)
 
 

@@ -211,7 +211,6 @@ def test_empty_apt_dir_is_a_missing_prerequisite(tmp_path: Path) -> None:
 # -- known gaps in the parser (src/coppice/images/mirror.py); remove the marker once fixed --
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError, reason="unclosed [options] crash the parser")
 def test_unclosed_options_bracket_is_skipped_not_a_crash(tmp_path: Path) -> None:
     write(
         tmp_path,
@@ -222,10 +221,6 @@ def test_unclosed_options_bracket_is_skipped_not_a_crash(tmp_path: Path) -> None
     assert [s.uri for s in apt_sources(tmp_path)] == ["http://good.example/debian"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apt reads Enabled with StringToBool: false/off/disable also turn a stanza off",
-)
 def test_deb822_enabled_false_is_disabled(tmp_path: Path) -> None:
     write(
         tmp_path,

@@ -196,3 +196,35 @@ def test_concurrent_reserves_never_share_an_address(tmp_path: Path) -> None:
         assert sorted(e.ip for e in store.list_entries()) == sorted(str(a) for a in addresses)
     finally:
         store.close()
+
+
+def _open_worker(path: str, barrier: Any, queue: Any) -> None:
+    try:
+        barrier.wait(30)
+        store = open_store(Path(path))
+        store.list_entries()
+        store.close()
+        queue.put("ok")
+    except BaseException as exc:
+        queue.put(repr(exc))
+
+
+@pytest.mark.timeout(120)
+def test_processes_opening_a_fresh_database_at_once(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    failures: list[str] = []
+    for trial in range(20):
+        path = tmp_path / f"fresh-{trial}.db"
+        barrier = ctx.Barrier(8)
+        queue = ctx.Queue()
+        procs = [
+            ctx.Process(target=_open_worker, args=(str(path), barrier, queue)) for _ in range(8)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            failures += [r for r in (queue.get(timeout=60) for _ in procs) if r != "ok"]
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+    assert failures == []

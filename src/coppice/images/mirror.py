@@ -12,6 +12,7 @@ from pathlib import Path
 from coppice.errors import PrerequisiteMissing
 
 APT_DIR = Path("/etc/apt")
+_APT_FALSE = frozenset({"no", "false", "off", "without", "disable", "0"})
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,10 @@ def _one_line_sources(text: str) -> list[AptSource]:
             continue
         words = line.split()[1:]
         if words and words[0].startswith("["):  # options such as [signed-by=...]
-            while words and not words[0].endswith("]"):
-                words.pop(0)
-            words.pop(0)
+            closing = next((i for i, w in enumerate(words) if w.endswith("]")), None)
+            if closing is None:
+                continue  # apt rejects such a line too
+            words = words[closing + 1 :]
         if len(words) >= 3:
             found.append(AptSource(words[0], (words[1],), tuple(words[2:])))
     return found
@@ -48,7 +50,7 @@ def _deb822_sources(text: str) -> list[AptSource]:
             fields[key.strip().lower()] = value.strip()
         if "deb" not in fields.get("types", "").split():
             continue
-        if fields.get("enabled", "yes").lower() == "no":
+        if fields.get("enabled", "yes").lower() in _APT_FALSE:
             continue
         for uri in fields.get("uris", "").split():
             found.append(

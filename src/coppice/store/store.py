@@ -62,7 +62,7 @@ class Store:
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
             # NORMAL is durable across process crashes in WAL mode; only a power cut may lose
             # the last transactions, and reconcile repairs exactly that kind of gap.
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -277,6 +277,25 @@ class Store:
             .execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
             .fetchall()
         )
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """Switch a database to WAL. The switch needs a moment of exclusive access and SQLite
+    answers "locked" at once (ignoring the busy timeout) when several processes open a new
+    database together, so retry until one of them has made the switch for all."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if time.monotonic() > deadline:
+                raise _translate(exc) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
 
 def _translate(exc: sqlite3.OperationalError) -> Exception:
