@@ -70,9 +70,9 @@ def test_kill9_of_a_warm_half_way(pool: PoolController, cli_env: dict[str, str])
     proc.wait()
     assert pool.list("python"), "the warm was killed before it reserved anything"
 
-    pool.reconcile()
+    report = pool.reconcile()
     entries = pool.list("python")
-    assert all(e.state is State.AVAILABLE for e in entries), [e.state for e in entries]
+    assert all(e.state is State.AVAILABLE for e in entries), ([e.state for e in entries], report)
     assert _host_ids(pool) == {e.id for e in entries}
     assert len(entries) == 6  # interrupted entries are replaced, so the pool keeps its size
 
@@ -95,3 +95,21 @@ def test_reconcile_command_reports(pool: PoolController, cli_env: dict[str, str]
     done = run_cli(cli_env, "pool", "reconcile")
     assert done.returncode == 0, done.stderr
     assert "nothing to fix" in done.stderr
+
+
+def test_host_reboot_is_survived(pool: PoolController) -> None:
+    """Everything runtime goes (processes, mounts, netns, cgroups, bridge); the database stays."""
+    pool.warm("python", 2)
+    pool.checkout("python")
+    before = {e.id for e in pool.list("python")}
+    sub = pool.substrates["jail"]
+    for e in pool.list("python"):
+        sub.destroy(e.id, e.handle)
+    sub.teardown_host()
+
+    report = pool.reconcile()
+    assert len(report.replaced) == 2, report
+    entries = pool.list("python")
+    assert len(entries) == 2 and not ({e.id for e in entries} & before)
+    assert all(e.state is State.AVAILABLE for e in entries)
+    assert agent_health(pool.checkout("python").ip, AGENT_PORT)

@@ -17,6 +17,7 @@ from coppice.config import NetworkSettings
 from coppice.errors import SubstrateError
 from coppice.net.bridge import HostBridge
 from coppice.net.ipam import mac_for
+from coppice.substrates import mounts
 
 NETNS_DIR = Path("/run/netns")
 HOST_LINK_PREFIX = "copp"
@@ -76,9 +77,12 @@ class SandboxLink:
 
     def remove(self, entry_id: str) -> None:
         """Delete the namespace (its veth end goes with it) and any stray host end."""
-        name = self.netns_name(entry_id)
-        if (NETNS_DIR / name).exists():
-            netns.remove(name)
+        path = self.netns_path(entry_id)
+        if path.exists():
+            # A creation interrupted half-way can leave the file without its bind mount;
+            # unmount tolerates that, so the file always goes.
+            mounts.unmount(path)
+            path.unlink(missing_ok=True)
         with IPRoute() as ipr:
             found = ipr.link_lookup(ifname=self.host_link_name(entry_id))
             if found:

@@ -262,6 +262,11 @@ class PoolController:
                 reconcile_rules.Observation(e, alive, self._owner_alive_elsewhere(e))
             )
         decided = reconcile_rules.plan(observations, host_ids, time.time())
+        if decided.dead or decided.orphaned:
+            # After a host reboot the bridge and cgroup parents are gone with the entries;
+            # put them back before replacements are started.
+            for sub in self.substrates.values():
+                self._attempt(report, f"host set-up of {sub.name}", sub.prepare_host)
         for e in decided.dead + decided.orphaned:
             self._fix(e, report)
         for entry_id in decided.leftovers:

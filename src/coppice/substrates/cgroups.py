@@ -130,6 +130,10 @@ class CgroupV1:
         return _read_pids(self._dir("pids", name) / "cgroup.procs")
 
     def kill_all(self, name: str, timeout_s: float = 5.0) -> None:
+        if not self._dir("freezer", name).is_dir():
+            # create() was interrupted before the freezer existed, so the launcher (which runs
+            # only after create) never started: nothing can be inside.
+            return
         _kill_frozen(self, name, timeout_s)
 
     def remove(self, name: str) -> None:
