@@ -7,7 +7,6 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from coppice.errors import CoppiceError
 from coppice.images.keys import PoolKey
@@ -43,26 +42,10 @@ class SmokeReport:
         return next((g for g in self.gates if not g.passed), None)
 
 
-def ssh_command(key: Path, ip: str, command: str, timeout_s: float = 30.0) -> str:
+def ssh_command(key: PoolKey, ip: str, command: str, timeout_s: float = 30.0) -> str:
     """Run `command` in a sandbox over SSH with the pool key; returns its stdout."""
     done = subprocess.run(
-        [
-            "ssh",
-            "-i",
-            str(key),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=10",
-            f"root@{ip}",
-            command,
-        ],
+        key.ssh_argv(ip, command, batch=True),
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -115,7 +98,7 @@ class SmokeRig:
             return f"id={e.id} ip={e.ip} pid={pid}; {banner}"
 
         def python() -> str:
-            out = ssh_command(self.key.private_path, state["ip"], "python3 -c 'print(1+1)'")
+            out = ssh_command(self.key, state["ip"], "python3 -c 'print(1+1)'")
             r.py_result = out.strip()
             assert r.py_result == "2", f"printed {out!r}"
             return "python3 printed 2"

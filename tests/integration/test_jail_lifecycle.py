@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def _ssh(pool: PoolController, ip: str, command: str) -> str:
-    return ssh_command(PoolKey.at(pool.settings.keys_dir).private_path, ip, command)
+    return ssh_command(PoolKey.at(pool.settings.keys_dir), ip, command)
 
 
 def test_warm_checkout_return_drain(pool: PoolController) -> None:

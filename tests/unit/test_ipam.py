@@ -14,25 +14,6 @@ NET = ipaddress.IPv4Network("10.78.0.0/24")
 RANGE = [NET.network_address + i for i in range(50, 62)]
 
 
-def test_first_free_skips_held_addresses() -> None:
-    assert ipam.first_free(RANGE, ["10.78.0.50", "10.78.0.51"]) == ipaddress.IPv4Address(
-        "10.78.0.52"
-    )
-
-
-def test_first_free_of_empty_holding_is_the_first_candidate() -> None:
-    assert ipam.first_free(RANGE, []) == RANGE[0]
-
-
-def test_first_free_when_everything_is_held() -> None:
-    assert ipam.first_free(RANGE, [str(a) for a in RANGE]) is None
-    assert ipam.first_free([], []) is None
-
-
-def test_first_free_ignores_held_addresses_outside_the_range() -> None:
-    assert ipam.first_free(RANGE, ["10.77.0.50", "192.168.1.1"]) == RANGE[0]
-
-
 def test_pick_free_takes_the_lowest_free_addresses_in_order() -> None:
     held = ["10.78.0.50", "10.78.0.52", "10.78.0.53"]
     assert ipam.pick_free(RANGE, held, 3) == [
@@ -73,8 +54,6 @@ def test_pick_free_properties(held: list[str], count: int) -> None:
     assert picked == free[:count]
     assert len(set(picked)) == len(picked)
     assert not {str(a) for a in picked} & set(held)
-    first = ipam.first_free(RANGE, held)
-    assert first == (free[0] if free else None)
 
 
 def test_mac_for_known_values() -> None:

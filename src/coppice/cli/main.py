@@ -222,19 +222,7 @@ def ssh(entry_id: str, command: tuple[str, ...]) -> None:
     c = _controller(reconcile=False)
     e = c.store.get(entry_id)
     key = PoolKey.at(c.settings.keys_dir)
-    argv = [
-        "ssh",
-        "-i",
-        str(key.private_path),
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-        f"root@{e.ip}",
-        *command,
-    ]
+    argv = key.ssh_argv(e.ip, *command)
     os.execvp("ssh", argv)
 
 

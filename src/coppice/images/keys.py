@@ -47,6 +47,17 @@ class PoolKey:
     def at(cls, keys_dir: Path) -> PoolKey:
         return cls(keys_dir / "pool_ed25519")
 
+    def ssh_argv(self, ip: str, *command: str, batch: bool = False) -> list[str]:
+        """ssh(1) as root into a sandbox with this key. Host keys are per entry and addresses
+        are reused, so there is no stable host key to pin: checking is off on purpose."""
+        options = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR"]
+        if batch:
+            options += ["BatchMode=yes", "ConnectTimeout=10"]
+        argv = ["ssh", "-i", str(self.private_path)]
+        for option in options:
+            argv += ["-o", option]
+        return [*argv, f"root@{ip}", *command]
+
     def exists(self) -> bool:
         return self.private_path.exists() and self.public_path.exists()
 

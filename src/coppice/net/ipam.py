@@ -6,16 +6,6 @@ import ipaddress
 from collections.abc import Iterable
 
 
-def first_free(
-    candidates: Iterable[ipaddress.IPv4Address], held: Iterable[str]
-) -> ipaddress.IPv4Address | None:
-    taken = set(held)
-    for addr in candidates:
-        if str(addr) not in taken:
-            return addr
-    return None
-
-
 def pick_free(
     candidates: Iterable[ipaddress.IPv4Address], held: Iterable[str], count: int
 ) -> list[ipaddress.IPv4Address]:

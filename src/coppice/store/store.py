@@ -271,13 +271,6 @@ class Store:
                 return None
             return self._apply(conn, seen.id, event, detail)
 
-    def events(self, limit: int = 100) -> list[sqlite3.Row]:
-        return (
-            self._conn()
-            .execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
-            .fetchall()
-        )
-
 
 def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
     """Switch a database to WAL. The switch needs a moment of exclusive access and SQLite
