@@ -74,6 +74,7 @@ class JailSubstrate:
         self._cgroups: cgroups.CgroupDriver | None = None
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._children_lock = threading.Lock()
+        self._filter_path: Path | None = None
 
     @property
     def cgroups(self) -> cgroups.CgroupDriver:
@@ -107,13 +108,20 @@ class JailSubstrate:
         self.link.bridge.ensure()
         self.cgroups.prepare()
         self.settings.entries_dir.mkdir(parents=True, exist_ok=True)
-        seccomp.ensure_filter_file(self.settings.run_dir)
+        self._seccomp_filter()
+
+    def _seccomp_filter(self) -> Path:
+        """The compiled filter, compiled once per process rather than once per spawn."""
+        if self._filter_path is None or not self._filter_path.exists():
+            self._filter_path = seccomp.ensure_filter_file(self.settings.run_dir)
+        return self._filter_path
 
     def teardown_host(self) -> None:
         self.link.bridge.remove()
         self.cgroups.remove_parent()
         for path in sorted(self.settings.run_dir.glob("seccomp-*.bpf")):
             path.unlink()
+        self._filter_path = None
         for d in (self.settings.entries_dir, self.settings.run_dir):
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
@@ -166,7 +174,7 @@ class JailSubstrate:
         self.cgroups.create(spec.entry_id, spec.limits)
         self.link.create(spec.entry_id, spec.ip)
 
-        filter_path = seccomp.ensure_filter_file(self.settings.run_dir)
+        filter_path = self._seccomp_filter()
         filter_fd = os.open(filter_path, os.O_RDONLY)
         try:
             argv = self._argv(spec, merged, filter_fd)
