@@ -1,0 +1,53 @@
+"""What the gateway tells a sandbox when it hands it out: the sandbox-wide environment
+variables, the access token and the default user. Set once by `POST /init` after checkout;
+before that (while the entry sits warm and paused) the defaults apply."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+InitListener = Callable[["SandboxEnvironment"], Awaitable[None]]
+
+
+@dataclass
+class SandboxEnvironment:
+    default_user: str = "user"
+    default_workdir: str | None = None
+    env_vars: dict[str, str] = field(default_factory=dict)
+    access_token: str | None = None
+    _listeners: list[InitListener] = field(default_factory=list, repr=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    def on_init(self, listener: InitListener) -> None:
+        """`listener` runs after every successful init, e.g. to push env vars into kernels."""
+        self._listeners.append(listener)
+
+    def token_ok(self, presented: str | None) -> bool:
+        if self.access_token is None:
+            return True
+        return presented is not None and hmac.compare_digest(
+            presented.encode(), self.access_token.encode()
+        )
+
+    async def init(
+        self,
+        *,
+        env_vars: Mapping[str, str] | None = None,
+        access_token: str | None = None,
+        default_user: str | None = None,
+        default_workdir: str | None = None,
+    ) -> None:
+        async with self._lock:
+            if env_vars is not None:
+                self.env_vars = dict(env_vars)
+            if access_token is not None:
+                self.access_token = access_token
+            if default_user is not None:
+                self.default_user = default_user
+            if default_workdir is not None:
+                self.default_workdir = default_workdir
+            for listener in self._listeners:
+                await listener(self)
