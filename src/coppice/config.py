@@ -79,6 +79,33 @@ class Settings:
     ready_timeout_s: float = 30.0
     #: how many entries one warm starts at the same time
     spawn_parallelism: int = 8
+    # -- gateway (`coppice serve`) --
+    #: pools the service keeps at size: "template=count,template=count"
+    pool_targets: str = "python=4"
+    #: API keys: "key" (every scope) or "tenant:key:scope|scope", comma-separated; empty
+    #: means no authentication, and then the gateway refuses to listen beyond loopback
+    api_keys: str = ""
+    #: a file with more keys in the same format, one or more per line ("#" starts a comment)
+    api_keys_file: str = ""
+    #: start a sandbox on demand when its pool is empty (else answer 429 with Retry-After)
+    cold_start: bool = True
+    #: how many cold starts may run at once; more concurrent misses get 429
+    cold_start_parallelism: int = 4
+    default_timeout_s: int = 300
+    max_timeout_s: int = 86400
+    #: wildcard domain for host-based routing (`<port>-<sandbox id>.<domain>`); empty: any
+    sandbox_domain: str = ""
+
+    def pool_target_map(self) -> dict[str, int]:
+        targets: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in self.pool_targets.split(","))):
+            name, sep, count = item.partition("=")
+            if not sep or not name.strip() or not count.strip().isdigit():
+                raise InvalidRequest(
+                    f"pool_targets item {item!r} is not TEMPLATE=COUNT (e.g. python=4)"
+                )
+            targets[name.strip()] = int(count)
+        return targets
 
     @property
     def database_path(self) -> Path:
@@ -153,6 +180,9 @@ def _build(kind: type[Any], values: dict[str, Any], where: str) -> Any:
         target = type(default) if default is not None else str
         if name in ("first_host", "last_host"):
             target = int
+        if isinstance(default, bool):
+            kwargs[name] = _boolean(raw, f"{where}{name}")
+            continue
         try:
             kwargs[name] = Path(raw) if isinstance(default, Path) else target(raw)
         except (TypeError, ValueError) as exc:
@@ -160,3 +190,14 @@ def _build(kind: type[Any], values: dict[str, Any], where: str) -> Any:
                 f"setting {where}{name}: {raw!r} is not a valid {target.__name__}"
             ) from exc
     return kind(**kwargs)
+
+
+def _boolean(raw: Any, name: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise InvalidRequest(f"setting {name}: {raw!r} is not a boolean (true or false)")

@@ -24,8 +24,27 @@ class InvalidRequest(CoppiceError):
     http_status = 400
 
 
+class Unauthorized(CoppiceError):
+    """No API key, or one the gateway does not know."""
+
+    http_status = 401
+
+
+class Forbidden(CoppiceError):
+    """A known API key without the scope the request needs."""
+
+    http_status = 403
+
+
 class NotFound(CoppiceError):
     http_status = 404
+
+
+class SandboxNotFound(NotFound):
+    def __init__(self, sandbox_id: str) -> None:
+        # The SDK recognises "was not found" in this text as "sandbox not running".
+        super().__init__(f"sandbox {sandbox_id} was not found")
+        self.sandbox_id = sandbox_id
 
 
 class TemplateNotFound(NotFound):

@@ -32,7 +32,8 @@ def test_warm_checkout_return_drain(pool: PoolController) -> None:
     e = pool.checkout("python")
     assert e.state is State.IN_USE
     assert ssh_banner(e.ip).startswith("SSH-2.0-OpenSSH")
-    assert b'"status": "ok"' in agent_health(e.ip, AGENT_PORT)
+    assert agent_health(e.ip, AGENT_PORT) == 204
+    assert agent_health(e.ip, AGENT_PORT, path="/ready") == 204  # kernel warm before pause
     assert _ssh(pool, e.ip, "python3 -c 'print(1+1)'").strip() == "2"
 
     fresh = pool.return_entry(e.id)

@@ -170,3 +170,26 @@ def test_malformed_number_in_environment_is_invalid_request(tmp_path: Path) -> N
 def test_limits_values_are_coerced() -> None:
     limits = Settings.from_mapping({"limits": {"memory_mb": "256"}}).limits
     assert limits.memory_mb == 256
+
+
+def test_gateway_settings_parse_from_environment() -> None:
+    s = Settings.load(
+        {
+            "COPPICE_CONFIG": "/nonexistent",
+            "COPPICE_POOL_TARGETS": "python=3, python-vm=1",
+            "COPPICE_COLD_START": "false",
+        }
+    )
+    assert s.pool_target_map() == {"python": 3, "python-vm": 1}
+    assert s.cold_start is False
+
+
+@pytest.mark.parametrize("raw", ["python", "python=", "=3", "python=many"])
+def test_bad_pool_targets_say_the_format(raw: str) -> None:
+    with pytest.raises(InvalidRequest, match="TEMPLATE=COUNT"):
+        Settings.from_mapping({"pool_targets": raw}).pool_target_map()
+
+
+def test_booleans_are_not_truthy_strings() -> None:
+    with pytest.raises(InvalidRequest, match="boolean"):
+        Settings.from_mapping({"cold_start": "maybe"})

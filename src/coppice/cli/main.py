@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ import click
 from coppice.cli.render import RichProgress, entries_table, err, out
 from coppice.config import Settings
 from coppice.errors import CoppiceError, PrerequisiteMissing
+from coppice.gateway.runner import GatewayRunner
 from coppice.images.builder import TemplateBuilder
 from coppice.images.keys import PoolKey
 from coppice.pool.controller import PoolController, ReconcileReport
@@ -255,6 +257,39 @@ def smoke(template_name: str, count: int, keep: bool) -> None:
         out.print(
             f"pool {template_name} kept warm: {len(rep.started)} entries (`coppice pool list`)"
         )
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=3000, show_default=True, type=int)
+@click.option(
+    "--pool",
+    "pools",
+    multiple=True,
+    metavar="TEMPLATE=N",
+    help="Keep TEMPLATE's pool at N entries (repeatable; default: the pool_targets setting).",
+)
+def serve(host: str, port: int, pools: tuple[str, ...]) -> None:
+    """Run the E2B-compatible gateway with warm pools kept at size in the background."""
+    settings = _settings()
+    if pools:
+        settings = dataclasses.replace(settings, pool_targets=",".join(pools))
+    runner = GatewayRunner(settings, host, port)
+    runner.check()
+    with RichProgress() as progress:
+        c = _controller(progress, reconcile=False)
+        c.init_host()
+        PoolKey.at(settings.keys_dir).ensure()
+        _print_reconcile(c.reconcile(), quiet=True)
+        for template_name, target in settings.pool_target_map().items():
+            missing = target - c.pool_size(template_name)
+            if missing > 0:
+                report = c.warm(template_name, missing)
+                for failure in report.failures:
+                    err.print(f"warming {template_name}: {failure}")
+    for line in runner.banner():
+        out.print(line, soft_wrap=True)
+    runner.run(c)
 
 
 def main() -> None:

@@ -17,10 +17,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from coppice.config import Settings
@@ -33,7 +35,10 @@ from coppice.progress import Progress, SilentProgress
 from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
+#: where the agent and its locked dependencies live inside a template; only the agent's own
+#: interpreter puts it on sys.path, so sandboxed code never imports from it by accident
+AGENT_SITE = "usr/lib/coppice/site"
 GUEST_FILES = {
     "init.sh": ("usr/lib/coppice/init", 0o755),
     "agent.py": ("usr/lib/coppice/agent.py", 0o644),
@@ -56,6 +61,24 @@ def _guest_file(name: str) -> bytes:
     return resources.files("coppice.guest").joinpath(name).read_bytes()
 
 
+def _agent_files() -> list[tuple[str, bytes]]:
+    """The agent package as (relative path, bytes), sorted: what a template ships of it."""
+    root = resources.files("coppice_agent")
+    found: list[tuple[str, bytes]] = []
+
+    def walk(node: Traversable, prefix: str) -> None:
+        for child in node.iterdir():
+            rel = f"{prefix}{child.name}"
+            if child.is_dir():
+                if child.name != "__pycache__":
+                    walk(child, rel + "/")
+            elif child.name.endswith((".py", ".lock", ".proto")):
+                found.append((rel, child.read_bytes()))
+
+    walk(root, "")
+    return sorted(found)
+
+
 def recipe_hash(r: Recipe, pool_public_key: str, uid_base: int, sshd_config: str) -> str:
     h = hashlib.sha256()
     h.update(
@@ -75,6 +98,8 @@ def recipe_hash(r: Recipe, pool_public_key: str, uid_base: int, sshd_config: str
     )
     for name in sorted(GUEST_FILES):
         h.update(name.encode() + b"\0" + _guest_file(name))
+    for rel, data in _agent_files():
+        h.update(rel.encode() + b"\0" + data)
     return h.hexdigest()
 
 
@@ -254,6 +279,51 @@ class TemplateBuilder:
                 f"Last lines: {' | '.join(tail[-5:])}; see {log} if it exists"
             )
 
+    def _install_agent(self, site: Path) -> None:
+        """The agent package plus its hash-locked wheels. Templates run the host's Python
+        minor version on the same libc (Debian 12), so the host's pip picks matching wheels."""
+        self.progress.stage("installing the in-sandbox agent and its Python packages")
+        shutil.rmtree(site, ignore_errors=True)
+        site.mkdir(parents=True)
+        lock = site.parent / "agent-requirements.lock"
+        lock.write_bytes(
+            resources.files("coppice_agent").joinpath("requirements.lock").read_bytes()
+        )
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--require-hashes",
+                "--only-binary=:all:",
+                "--no-compile",
+                "--target",
+                str(site),
+                "-r",
+                str(lock),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            tail = " | ".join(done.stderr.strip().splitlines()[-4:])
+            hint = ""
+            if "No space left" in done.stderr:
+                hint = f"; the disk is full: free space under {self.settings.state_dir}"
+            raise TemplateBuildError(
+                f"installing the agent's packages failed{hint}: {tail}. The package index "
+                "comes from pip's own configuration (pip config list)"
+            )
+        for rel, data in _agent_files():
+            dest = site / "coppice_agent" / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+
     def _customise(self, root: Path, r: Recipe, key: PoolKey, digest: str) -> None:
         for old in (root / "etc/ssh").glob("ssh_host_*"):
             old.unlink()  # each entry gets its own host key at warm
@@ -273,6 +343,7 @@ class TemplateBuilder:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(_guest_file(src))
             path.chmod(mode)
+        self._install_agent(root / AGENT_SITE)
         if not (root / "home/user").exists():
             subprocess.run(
                 [

@@ -30,6 +30,8 @@ class Recipe:
     packages: tuple[str, ...] = ()
     #: None: the host's default limits (Settings.limits)
     limits: Limits | None = None
+    #: other names the gateway accepts for this template (E2B's template ids)
+    aliases: tuple[str, ...] = ()
 
 
 RECIPES: dict[str, Recipe] = {
@@ -38,6 +40,8 @@ RECIPES: dict[str, Recipe] = {
         substrate="jail",
         description="Debian bookworm with Python 3, ipykernel and sshd, as a jail",
         packages=PYTHON_PACKAGES,
+        # E2B's SDKs ask for these by default (e2b and e2b-code-interpreter respectively).
+        aliases=("base", "code-interpreter-v1"),
     ),
 }
 

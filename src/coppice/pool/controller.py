@@ -28,7 +28,7 @@ from coppice.pool import reconcile as reconcile_rules
 from coppice.pool.lifecycle import Action, Event, State
 from coppice.processes import ProcessIdentity
 from coppice.progress import Progress, SilentProgress
-from coppice.store.records import EntryRecord, TemplateRecord
+from coppice.store.records import EntryRecord, SandboxRecord, TemplateRecord
 from coppice.store.store import Applied, Store
 from coppice.substrates.base import SpawnSpec, Substrate
 
@@ -72,6 +72,9 @@ class PoolController:
         self.store = store or Store(settings.database_path)
         self.substrates = substrates if substrates is not None else default_substrates(settings)
         self.progress = progress or SilentProgress()
+        #: replace returned or dead entries right away; a service that refills its pools in
+        #: the background turns this off so that returns answer at once
+        self.respawn = True
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -157,16 +160,16 @@ class PoolController:
             error = exc if isinstance(exc, CoppiceError) else SubstrateError(str(exc))
             # Drained while it was warming: the drain tears it down instead.
             with contextlib.suppress(IllegalTransition, EntryNotFound):
-                self._perform(self.store.apply(entry.id, Event.FAIL, str(error)))
+                self.perform(self.store.apply(entry.id, Event.FAIL, str(error)))
             raise error from exc
 
     # -- checkout / return --------------------------------------------------------------------
 
-    def checkout(self, template_name: str) -> EntryRecord:
+    def checkout(self, template_name: str, sandbox: SandboxRecord | None = None) -> EntryRecord:
         template = self.store.get_template(template_name)
         sub = self.substrate(template.substrate)
         while True:
-            applied = self.store.checkout(template.name)
+            applied = self.store.checkout(template.name, sandbox)
             entry = applied.entry
             try:
                 if not sub.is_alive(entry.id, entry.handle):
@@ -176,11 +179,50 @@ class PoolController:
             except SubstrateError as exc:
                 # A dead entry is replaced and the next one is tried; the caller never sees
                 # a sandbox that cannot answer.
-                self._perform(self.store.apply(entry.id, Event.DIED, str(exc)))
+                self.perform(self.store.apply(entry.id, Event.DIED, str(exc)), self.respawn)
+
+    def start_cold(self, template_name: str, sandbox: SandboxRecord) -> EntryRecord:
+        """Start one entry now and hand it straight out (the pool had none available)."""
+        template = self.store.get_template(template_name)
+        sub = self.substrate(template.substrate)
+        (fresh,) = self.store.reserve(
+            template.name,
+            template.substrate,
+            1,
+            self._addresses(template.substrate),
+            hostname_prefix=template.name,
+        )
+        ready = self._bring_up(template, fresh)
+        entry = self.store.adopt_as_sandbox(ready.id, sandbox).entry
+        sub.resume(entry.id)
+        return entry
 
     def return_entry(self, entry_id: str) -> EntryRecord | None:
-        """Destroy the entry and start its replacement; returns the replacement."""
-        return self._perform(self.store.apply(entry_id, Event.RETURN))
+        """Destroy the entry and (unless a keeper refills instead) start its replacement."""
+        return self.perform(self.store.apply(entry_id, Event.RETURN), self.respawn)
+
+    def pause_entry(self, entry_id: str) -> EntryRecord:
+        applied = self.store.apply(entry_id, Event.PAUSE)
+        self.perform(applied)
+        return applied.entry
+
+    def resume_entry(self, entry_id: str) -> EntryRecord:
+        entry = self.store.get(entry_id)
+        sub = self.substrate(entry.substrate)
+        if not sub.is_alive(entry.id, entry.handle):
+            self.perform(self.store.apply(entry.id, Event.DIED, "found dead at resume"))
+            raise SandboxDied(entry.id)
+        applied = self.store.apply(entry_id, Event.RESUME)
+        self.perform(applied)
+        return applied.entry
+
+    def pool_size(self, template_name: str) -> int:
+        """Entries that are, or are about to be, available for checkout."""
+        return sum(
+            1
+            for e in self.store.list_entries(template_name)
+            if e.state in (State.AVAILABLE, State.WARMING)
+        )
 
     def drain(self, template_name: str) -> int:
         self.store.get_template(template_name)
@@ -196,7 +238,7 @@ class PoolController:
                     waiting = True  # another process is still warming or tearing it down
                     continue
                 try:
-                    self._perform(self.store.apply(e.id, Event.DRAIN))
+                    self.perform(self.store.apply(e.id, Event.DRAIN))
                     drained += 1
                 except (EntryNotFound, IllegalTransition):
                     continue
@@ -219,8 +261,11 @@ class PoolController:
 
     # -- actions ------------------------------------------------------------------------------
 
-    def _perform(self, applied: Applied) -> EntryRecord | None:
-        """Carry out a transition's actions; returns the replacement entry if one was made."""
+    def perform(self, applied: Applied, respawn: bool = True) -> EntryRecord | None:
+        """Carry out a transition's actions; returns the replacement entry if one was made.
+
+        With `respawn` false the RESPAWN action is left to whoever keeps the pool at size.
+        """
         entry = applied.entry
         replacement: EntryRecord | None = None
         for action in applied.actions:
@@ -233,6 +278,8 @@ class PoolController:
                 sub.destroy(entry.id, entry.handle)
                 self.store.apply(entry.id, Event.DESTROYED)
             elif action is Action.RESPAWN:
+                if not respawn:
+                    continue
                 try:
                     template = self.store.get_template(entry.template)
                 except CoppiceError:
@@ -282,7 +329,7 @@ class PoolController:
             applied = self.store.apply_if_unchanged(e, Event.DIED, "found dead by reconcile")
             if applied is None:
                 return  # someone else dealt with it meanwhile
-            replacement = self._perform(applied)
+            replacement = self.perform(applied, self.respawn)
             if replacement is not None:
                 report.replaced.append(f"{e.id} -> {replacement.id}")
             else:

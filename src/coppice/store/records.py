@@ -44,7 +44,11 @@ class EntryRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> EntryRecord:
-        data = {k: row[k] for k in row.keys()}  # noqa: SIM118
+        return cls.from_mapping({k: row[k] for k in row.keys()})  # noqa: SIM118
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> EntryRecord:
+        data = dict(data)
         data["state"] = State(data["state"])
         data["handle"] = json.loads(data["handle"]) if data["handle"] else None
         return cls(**data)
@@ -62,3 +66,91 @@ class EntryRecord:
             "ready_at": self.ready_at,
             "checked_out_at": self.checked_out_at,
         }
+
+
+ENTRY_COLUMNS = (
+    "id",
+    "template",
+    "substrate",
+    "state",
+    "ip",
+    "hostname",
+    "handle",
+    "owner_pid",
+    "owner_start",
+    "deadline",
+    "created_at",
+    "updated_at",
+    "ready_at",
+    "checked_out_at",
+)
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """What the gateway promised about a handed-out entry (same id as the entry)."""
+
+    id: str
+    template_id: str  # as the caller named it (an alias like "base" stays "base")
+    tenant: str
+    access_token: str
+    env_vars: dict[str, str]
+    metadata: dict[str, str]
+    started_at: float
+    end_at: float
+    timeout_s: float
+    on_timeout: str  # "kill" or "pause"
+    auto_resume: bool
+    idempotency_key: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> SandboxRecord:
+        return cls.from_mapping({k: row[k] for k in SANDBOX_COLUMNS})
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> SandboxRecord:
+        data = dict(data)
+        data["env_vars"] = json.loads(data["env_vars"])
+        data["metadata"] = json.loads(data["metadata"])
+        data["auto_resume"] = bool(data["auto_resume"])
+        return cls(**data)
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.id,
+            self.template_id,
+            self.tenant,
+            self.access_token,
+            json.dumps(self.env_vars),
+            json.dumps(self.metadata),
+            self.started_at,
+            self.end_at,
+            self.timeout_s,
+            self.on_timeout,
+            int(self.auto_resume),
+            self.idempotency_key,
+        )
+
+
+SANDBOX_COLUMNS = (
+    "id",
+    "template_id",
+    "tenant",
+    "access_token",
+    "env_vars",
+    "metadata",
+    "started_at",
+    "end_at",
+    "timeout_s",
+    "on_timeout",
+    "auto_resume",
+    "idempotency_key",
+)
+
+
+@dataclass(frozen=True)
+class HandedOut:
+    """A sandbox with the entry that runs it."""
+
+    sandbox: SandboxRecord
+    entry: EntryRecord

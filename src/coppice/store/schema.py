@@ -44,6 +44,25 @@ MIGRATIONS: tuple[str, ...] = (
         detail   TEXT NOT NULL DEFAULT ''
     );
     """,
+    # 2: sandboxes handed out through the gateway; one row per in-use (or paused) entry
+    """
+    CREATE TABLE sandboxes (
+        id              TEXT PRIMARY KEY REFERENCES entries (id) ON DELETE CASCADE,
+        template_id     TEXT NOT NULL,
+        tenant          TEXT NOT NULL,
+        access_token    TEXT NOT NULL,
+        env_vars        TEXT NOT NULL,
+        metadata        TEXT NOT NULL,
+        started_at      REAL NOT NULL,
+        end_at          REAL NOT NULL,
+        timeout_s       REAL NOT NULL,
+        on_timeout      TEXT NOT NULL,
+        auto_resume     INTEGER NOT NULL,
+        idempotency_key TEXT
+    );
+    CREATE UNIQUE INDEX sandboxes_idempotency ON sandboxes (tenant, idempotency_key);
+    CREATE INDEX sandboxes_end ON sandboxes (end_at);
+    """,
 )
 
 

@@ -30,8 +30,17 @@ from coppice.errors import (
 from coppice.net import ipam
 from coppice.pool.lifecycle import Action, Event, State, deadline_for, transition
 from coppice.processes import ProcessIdentity
-from coppice.store.records import EntryRecord, TemplateRecord
+from coppice.store.records import (
+    ENTRY_COLUMNS,
+    SANDBOX_COLUMNS,
+    EntryRecord,
+    HandedOut,
+    SandboxRecord,
+    TemplateRecord,
+)
 from coppice.store.schema import migrate
+
+HANDED_OUT = frozenset({State.IN_USE, State.PAUSED})
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,9 @@ class Store:
         step = transition(entry_id, entry.state, event)
         now = time.time()
         self._event(conn, event.value, entry_id, entry.template, detail)
+        if entry.state in HANDED_OUT and step.state not in HANDED_OUT:
+            # Killed, returned or found dead: the sandbox is over the moment its entry leaves.
+            conn.execute("DELETE FROM sandboxes WHERE id = ?", (entry_id,))
         if Action.FORGET in step.actions:
             conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
             return Applied(replace(entry, state=step.state), step.actions)
@@ -247,8 +259,12 @@ class Store:
         row = conn.execute("SELECT * FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return Applied(EntryRecord.from_row(row), step.actions)
 
-    def checkout(self, template: str) -> Applied:
-        """Take the longest-waiting available entry of `template` and mark it in use."""
+    def checkout(self, template: str, sandbox: SandboxRecord | None = None) -> Applied:
+        """Take the longest-waiting available entry of `template` and mark it in use.
+
+        With `sandbox`, its record is written in the same transaction (its id replaced by the
+        entry's), so there is never an in-use entry without its sandbox or the reverse.
+        """
         with self._write() as conn:
             row = conn.execute(
                 "SELECT id FROM entries WHERE template = ? AND state = ?"
@@ -257,7 +273,65 @@ class Store:
             ).fetchone()
             if row is None:
                 raise PoolExhausted(template)
-            return self._apply(conn, row[0], Event.CHECKOUT, "")
+            applied = self._apply(conn, row[0], Event.CHECKOUT, "")
+            if sandbox is not None:
+                self._insert_sandbox(conn, replace(sandbox, id=applied.entry.id))
+            return applied
+
+    def adopt_as_sandbox(self, entry_id: str, sandbox: SandboxRecord) -> Applied:
+        """Check out one particular available entry (a cold start the caller just warmed)."""
+        with self._write() as conn:
+            applied = self._apply(conn, entry_id, Event.CHECKOUT, "cold start")
+            self._insert_sandbox(conn, replace(sandbox, id=entry_id))
+            return applied
+
+    def _insert_sandbox(self, conn: sqlite3.Connection, sandbox: SandboxRecord) -> None:
+        marks = ", ".join("?" for _ in SANDBOX_COLUMNS)
+        conn.execute(
+            f"INSERT INTO sandboxes ({', '.join(SANDBOX_COLUMNS)}) VALUES ({marks})",  # noqa: S608
+            sandbox.row(),
+        )
+
+    # -- sandboxes ----------------------------------------------------------------------------
+
+    def get_sandbox(self, sandbox_id: str) -> HandedOut | None:
+        rows = self._handed_out("WHERE s.id = ?", (sandbox_id,))
+        return rows[0] if rows else None
+
+    def find_idempotent(self, tenant: str, key: str) -> HandedOut | None:
+        rows = self._handed_out("WHERE s.tenant = ? AND s.idempotency_key = ?", (tenant, key))
+        return rows[0] if rows else None
+
+    def list_sandboxes(self, tenant: str | None = None) -> list[HandedOut]:
+        if tenant is None:
+            return self._handed_out("", ())
+        return self._handed_out("WHERE s.tenant = ?", (tenant,))
+
+    def expired_sandboxes(self, now: float) -> list[HandedOut]:
+        return self._handed_out("WHERE s.end_at <= ? AND e.state = ?", (now, State.IN_USE.value))
+
+    def _handed_out(self, where: str, args: tuple[Any, ...]) -> list[HandedOut]:
+        cols = ", ".join(f"s.{c} AS s_{c}" for c in SANDBOX_COLUMNS)
+        rows = self._conn().execute(
+            f"SELECT e.*, {cols} FROM sandboxes s JOIN entries e ON e.id = s.id {where}"  # noqa: S608
+            " ORDER BY s.started_at, s.id",
+            args,
+        )
+        out = []
+        for row in rows.fetchall():
+            sandbox = SandboxRecord.from_mapping({c: row[f"s_{c}"] for c in SANDBOX_COLUMNS})
+            entry = EntryRecord.from_mapping({k: row[k] for k in ENTRY_COLUMNS})
+            out.append(HandedOut(sandbox, entry))
+        return out
+
+    def set_sandbox_deadline(self, sandbox_id: str, end_at: float, timeout_s: float) -> None:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE sandboxes SET end_at = ?, timeout_s = ? WHERE id = ?",
+                (end_at, timeout_s, sandbox_id),
+            )
+            if cur.rowcount == 0:
+                raise EntryNotFound(sandbox_id)
 
     def apply_if_unchanged(
         self, seen: EntryRecord, event: Event, detail: str = ""

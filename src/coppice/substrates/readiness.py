@@ -1,4 +1,4 @@
-"""Probes that tell whether a sandbox answers: its SSH banner and its agent's /health."""
+"""Probes that tell whether a sandbox answers: its SSH banner and its agent's /health, /ready."""
 
 from __future__ import annotations
 
@@ -23,26 +23,25 @@ def ssh_banner(ip: str, port: int = 22, timeout_s: float = 1.0) -> str:
     return line
 
 
-def agent_health(ip: str, port: int, timeout_s: float = 1.0) -> bytes:
-    """GET /health over a fresh connection; returns the body of a 200 answer."""
+def agent_health(ip: str, port: int, timeout_s: float = 1.0, path: str = "/health") -> int:
+    """GET `path` over a fresh connection; returns the 2xx status, raises on anything else.
+
+    `/health` says the agent is up; `/ready` says it is warm (its kernel answers), which is
+    what a warm must wait for so that the first call after checkout pays no start-up.
+    """
     with socket.create_connection((ip, port), timeout=timeout_s) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n".encode())
         data = b""
-        while True:
+        while b"\r\n" not in data:
             chunk = s.recv(4096)
             if not chunk:
                 break
             data += chunk
-            head, sep, body = data.partition(b"\r\n\r\n")
-            if sep and b"content-length:" in head.lower():
-                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                if len(body) >= length:
-                    break
-    status = data.split(b"\r\n", 1)[0]
-    if b" 200 " not in status + b" ":
-        raise ConnectionError(f"agent answered {status!r}")
-    return data.partition(b"\r\n\r\n")[2]
+    status = data.split(b"\r\n", 1)[0].split()
+    if len(status) < 2 or not status[1].startswith(b"2"):
+        raise ConnectionError(f"agent answered {data[:80]!r} to {path}")
+    return int(status[1])
 
 
 def wait_until_answering(
@@ -61,7 +60,7 @@ def wait_until_answering(
     while True:
         try:
             if not agent_ok:
-                agent_health(ip, agent_port, timeout_s=0.5)
+                agent_health(ip, agent_port, timeout_s=0.5, path="/ready")
                 agent_ok = True
             if not ssh_ok:
                 ssh_banner(ip, ssh_port, timeout_s=0.5)

@@ -1,0 +1,382 @@
+"""The gateway's ASGI application: E2B's control plane plus in-sandbox routing on one origin.
+
+Every error leaves through `_coppice_error` (or the two fallbacks beside it) as E2B's
+`{"code", "message"}` body: this module is the HTTP boundary of the `CoppiceError` tree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from coppice.config import Settings
+from coppice.errors import CoppiceError, InvalidRequest, PoolExhausted, SubstrateError
+from coppice.gateway.auth import KeyRing, Principal
+from coppice.gateway.auth import Scope as KeyScope
+from coppice.gateway.catalog import TemplateCatalog, aliases_of
+from coppice.gateway.keeper import PoolKeeper
+from coppice.gateway.proxy import (
+    SandboxProxy,
+    SandboxUnreachable,
+    error,
+    needs_token,
+    not_found,
+    target_of,
+    token_ok,
+)
+from coppice.gateway.sandboxes import SandboxService
+from coppice.gateway.wire import (
+    detail_json,
+    listed_json,
+    parse_create,
+    parse_list_query,
+    sandbox_json,
+    template_json,
+    timeout_value,
+)
+from coppice.pool.controller import PoolController
+from coppice.pool.lifecycle import State
+from coppice.store.records import HandedOut
+from coppice.substrates.base import AGENT_PORT
+
+log = logging.getLogger("coppice.gateway")
+_IDEMPOTENCY_KEY = re.compile(r"^[a-z0-9-]{1,255}$")
+#: tries to hand out a sandbox whose agent accepts its identity before giving up
+INIT_ATTEMPTS = 3
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    controller: PoolController
+    keys: KeyRing
+    keeper: PoolKeeper
+    service: SandboxService
+    proxy: SandboxProxy
+
+    def template_of(self, handed: HandedOut) -> str:
+        return handed.entry.template
+
+
+def _who(request: Request, scope: KeyScope) -> Principal:
+    gw: Gateway = request.app.state.gateway
+    principal = gw.keys.authenticate(request.headers)
+    principal.require(scope)
+    return principal
+
+
+async def _json(request: Request, default: Any = None) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        return default
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+T = TypeVar("T")
+
+
+def _run(fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+    return anyio.to_thread.run_sync(fn, *args)
+
+
+# -- control plane ----------------------------------------------------------------------------
+
+
+async def create_sandbox(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.CREATE)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 characters of a-z, 0-9 and -")
+    req = parse_create(
+        await _json(request), gw.settings.default_timeout_s, gw.settings.max_timeout_s
+    )
+    last: Exception | None = None
+    for _ in range(INIT_ATTEMPTS):
+        handed, fresh = await _run(gw.service.create, req, who, key)
+        if not fresh:
+            return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=201)
+        try:
+            await _init_agent(gw, handed)
+        except SandboxUnreachable as exc:
+            # It died between its readiness probe and now: never hand that out; try another.
+            last = exc
+            await _run(gw.service.kill, who, handed.sandbox.id)
+            continue
+        return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=201)
+    raise SubstrateError(f"sandboxes failed to start their agent: {last}")
+
+
+async def _init_agent(gw: Gateway, handed: HandedOut) -> None:
+    """Give the agent its identity: sandbox-wide env vars, access token, default user."""
+    body = {
+        "envVars": handed.sandbox.env_vars,
+        "accessToken": handed.sandbox.access_token,
+        "defaultUser": "user",
+    }
+    url = f"http://{handed.entry.ip}:{AGENT_PORT}/init"
+    try:
+        answer = await gw.proxy.client.post(url, json=body, timeout=10.0)
+    except Exception as exc:
+        raise SandboxUnreachable(handed.sandbox.id, AGENT_PORT) from exc
+    if answer.status_code >= 300:
+        raise SandboxUnreachable(handed.sandbox.id, AGENT_PORT)
+
+
+async def list_sandboxes(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.READ)
+    query = parse_list_query(dict(request.query_params))
+    page = await _run(gw.service.page, who, query)
+    body = [
+        listed_json(h, gw.template_of(h), gw.service.limits(gw.template_of(h))) for h in page.items
+    ]
+    headers = {"x-next-token": page.next_token} if page.next_token else {}
+    return JSONResponse(body, headers=headers)
+
+
+async def list_sandboxes_v1(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.READ)
+    params = dict(request.query_params)
+    params.setdefault("limit", "1000")
+    page = await _run(gw.service.page, who, parse_list_query(params))
+    return JSONResponse(
+        [
+            listed_json(h, gw.template_of(h), gw.service.limits(gw.template_of(h)))
+            for h in page.items
+        ]
+    )
+
+
+async def get_sandbox(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.READ)
+    handed = await _run(gw.service.get, who, request.path_params["sandbox_id"])
+    template = gw.template_of(handed)
+    return JSONResponse(detail_json(handed, template, gw.service.limits(template)))
+
+
+async def kill_sandbox(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.MANAGE)
+    await _run(gw.service.kill, who, request.path_params["sandbox_id"])
+    return Response(status_code=204)
+
+
+async def set_timeout(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.MANAGE)
+    body = await _json(request, {})
+    if not isinstance(body, dict) or "timeout" not in body:
+        raise InvalidRequest('the body must be {"timeout": <seconds>}')
+    seconds = timeout_value(body["timeout"], "timeout", gw.settings.max_timeout_s)
+    await _run(gw.service.set_timeout, who, request.path_params["sandbox_id"], seconds)
+    return Response(status_code=204)
+
+
+async def refresh(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.MANAGE)
+    body = await _json(request, {})
+    if not isinstance(body, dict):
+        raise InvalidRequest('the body must be {"duration": <seconds>}')
+    seconds = timeout_value(body.get("duration", 60), "duration", gw.settings.max_timeout_s)
+    await _run(gw.service.refresh, who, request.path_params["sandbox_id"], seconds)
+    return Response(status_code=204)
+
+
+async def pause(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.MANAGE)
+    await _run(gw.service.pause, who, request.path_params["sandbox_id"])
+    return Response(status_code=204)
+
+
+def _optional_timeout(gw: Gateway, body: Any) -> int | None:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    if body.get("timeout") is None:
+        return None
+    return timeout_value(body["timeout"], "timeout", gw.settings.max_timeout_s)
+
+
+async def resume(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.MANAGE)
+    timeout = _optional_timeout(gw, await _json(request, {}))
+    handed = await _run(gw.service.resume, who, request.path_params["sandbox_id"], timeout)
+    return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=201)
+
+
+async def connect(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.MANAGE)
+    timeout = _optional_timeout(gw, await _json(request, {}))
+    sandbox_id = request.path_params["sandbox_id"]
+    was_paused = (await _run(gw.service.get, who, sandbox_id)).entry.state is State.PAUSED
+    handed = await _run(gw.service.connect, who, sandbox_id, timeout)
+    status = 201 if was_paused else 200
+    return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=status)
+
+
+async def metrics(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.READ)
+    await _run(gw.service.get, who, request.path_params["sandbox_id"])
+    return JSONResponse([])
+
+
+async def templates(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    _who(request, KeyScope.READ)
+    records = await _run(gw.service.catalog.all)
+    return JSONResponse(
+        [template_json(t, aliases_of(t.name), gw.service.limits(t.name)) for t in records]
+    )
+
+
+async def gateway_health(_: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+ROUTES = [
+    Route("/health", gateway_health, methods=["GET"]),
+    Route("/v2/sandboxes", create_sandbox, methods=["POST"]),
+    Route("/sandboxes", create_sandbox, methods=["POST"]),
+    Route("/v2/sandboxes", list_sandboxes, methods=["GET"]),
+    Route("/sandboxes", list_sandboxes_v1, methods=["GET"]),
+    Route("/sandboxes/{sandbox_id}", get_sandbox, methods=["GET"]),
+    Route("/sandboxes/{sandbox_id}", kill_sandbox, methods=["DELETE"]),
+    Route("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/refreshes", refresh, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/pause", pause, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/resume", resume, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
+    Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/metrics", metrics, methods=["GET"]),
+    Route("/templates", templates, methods=["GET"]),
+]
+
+
+# -- the error boundary ------------------------------------------------------------------------
+
+
+async def _coppice_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CoppiceError)
+    headers = {}
+    if isinstance(exc, PoolExhausted):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
+    return JSONResponse(
+        {"code": exc.http_status, "message": str(exc)}, exc.http_status, headers=headers
+    )
+
+
+async def _unexpected(_: Request, exc: Exception) -> Response:
+    log.exception("unexpected error", exc_info=exc)
+    return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    status = int(getattr(exc, "status_code", 500))
+    return error(status, str(getattr(exc, "detail", "")) or "no such endpoint")
+
+
+# -- in-sandbox routing ------------------------------------------------------------------------
+
+
+async def relay(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    target = target_of(request, gw.settings.sandbox_domain)
+    assert target is not None
+    handed = await _run(gw.service.store.get_sandbox, target.sandbox_id)
+    if handed is None:
+        return not_found(target.sandbox_id)
+    if needs_token(target, request.url.path) and not token_ok(handed, request):
+        return error(401, "missing or wrong X-Access-Token for this sandbox")
+    if handed.entry.state is not State.IN_USE:
+        resumed = await _run(gw.service.auto_resume, target.sandbox_id)
+        if not resumed:
+            return error(
+                502,
+                f"sandbox {target.sandbox_id} is paused; connect() to it resumes it",
+            )
+    try:
+        return await gw.proxy.relay(request, handed, target.port)
+    except SandboxUnreachable as exc:
+        alive = await _run(_entry_alive, gw, handed)
+        if not alive:
+            return not_found(target.sandbox_id)
+        return error(502, str(exc))
+
+
+def _entry_alive(gw: Gateway, handed: HandedOut) -> bool:
+    sub = gw.controller.substrate(handed.entry.substrate)
+    return sub.is_alive(handed.entry.id, handed.entry.handle)
+
+
+class GatewayApp:
+    """Sends in-sandbox traffic to the relay and everything else to the control plane."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.control = Starlette(
+            routes=ROUTES,
+            exception_handlers={
+                CoppiceError: _coppice_error,
+                Exception: _unexpected,
+                404: _http_error,
+                405: _http_error,
+            },
+            lifespan=self._lifespan,
+        )
+        self.control.state.gateway = gateway
+        self.sandboxes = Starlette(
+            routes=[Route("/{path:path}", relay, methods=_METHODS)],
+            exception_handlers={CoppiceError: _coppice_error, Exception: _unexpected},
+        )
+        self.sandboxes.state.gateway = gateway
+
+    @asynccontextmanager
+    async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        self.gateway.keeper.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(self.gateway.keeper.stop)
+            await self.gateway.proxy.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            if target_of(request, self.gateway.settings.sandbox_domain) is not None:
+                await self.sandboxes(scope, receive, send)
+                return
+        await self.control(scope, receive, send)
+
+
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def build_gateway(settings: Settings, controller: PoolController) -> GatewayApp:
+    keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
+    controller.respawn = False  # the keeper refills pools in the background
+    keeper = PoolKeeper(controller, settings.pool_target_map())
+    catalog = TemplateCatalog(controller.store)
+    service = SandboxService(settings, controller, keeper, catalog)
+    return GatewayApp(Gateway(settings, controller, keys, keeper, service, SandboxProxy()))

@@ -1,0 +1,127 @@
+"""The service's background duties, on threads of their own so no request waits for them:
+keep every configured pool at its target size, tear down killed sandboxes, act on expired
+timeouts (kill, or pause when the sandbox asked for auto-pause) and reconcile now and then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from coppice.errors import CoppiceError, EntryNotFound, IllegalTransition
+from coppice.pool.controller import PoolController
+from coppice.pool.lifecycle import Event
+from coppice.store.store import Applied
+
+log = logging.getLogger("coppice.keeper")
+
+
+class PoolKeeper:
+    def __init__(
+        self,
+        controller: PoolController,
+        targets: dict[str, int],
+        tick_s: float = 0.5,
+        reconcile_every_s: float = 30.0,
+    ) -> None:
+        self.controller = controller
+        self.store = controller.store
+        self.targets = targets
+        self.tick_s = tick_s
+        self.reconcile_every_s = reconcile_every_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warms: dict[str, Future[None]] = {}
+        self._warm_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refill")
+        self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
+        self._last_reconcile = time.monotonic()
+
+    # -- control --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pool-keeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop deciding, and let the work in flight finish: a warm half-done would leave an
+        entry for the next start's reconcile, a teardown half-done a sandbox running."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._warm_pool.shutdown(wait=True, cancel_futures=True)
+        self._teardowns.shutdown(wait=True)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def teardown(self, applied: Applied) -> None:
+        self._teardowns.submit(self._guarded, "teardown", applied.entry.id, applied)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.reap(time.time())
+                self.refill()
+                if time.monotonic() - self._last_reconcile > self.reconcile_every_s:
+                    self._last_reconcile = time.monotonic()
+                    report = self.controller.reconcile()
+                    for problem in report.problems:
+                        log.warning("reconcile: %s", problem)
+            except Exception:
+                log.exception("pool keeper pass failed; retrying on the next tick")
+            self._wake.wait(self.tick_s)
+
+    def refill(self) -> None:
+        for template, target in self.targets.items():
+            running = self._warms.get(template)
+            if running is not None and not running.done():
+                continue
+            try:
+                missing = target - self.controller.pool_size(template)
+            except CoppiceError:
+                continue
+            if missing > 0:
+                self._warms[template] = self._warm_pool.submit(self._warm, template, missing)
+
+    def _warm(self, template: str, count: int) -> None:
+        try:
+            report = self.controller.warm(template, count)
+        except CoppiceError as exc:
+            log.warning("refilling %s: %s", template, exc)
+            time.sleep(1.0)  # do not spin on a pool that cannot be filled right now
+            return
+        for failure in report.failures:
+            log.warning("refilling %s: %s", template, failure)
+        self._wake.set()
+
+    def reap(self, now: float) -> list[str]:
+        """Sandboxes whose timeout passed: killed, or paused if they asked for that."""
+        acted = []
+        for handed in self.store.expired_sandboxes(now):
+            sandbox_id = handed.sandbox.id
+            try:
+                if handed.sandbox.on_timeout == "pause":
+                    self.controller.pause_entry(sandbox_id)
+                else:
+                    applied = self.store.apply(sandbox_id, Event.RETURN, "timeout expired")
+                    self.teardown(applied)
+                acted.append(sandbox_id)
+            except (EntryNotFound, IllegalTransition):
+                continue  # killed or paused by someone else meanwhile
+            except CoppiceError as exc:
+                log.warning("timeout of sandbox %s: %s", sandbox_id, exc)
+        return acted
+
+    def _guarded(self, what: str, entry_id: str, applied: Applied) -> None:
+        try:
+            self.controller.perform(applied, respawn=False)
+        except CoppiceError as exc:
+            log.warning("%s of %s failed (reconcile will retry): %s", what, entry_id, exc)
+        self._wake.set()

@@ -1,0 +1,161 @@
+"""In-sandbox traffic: find the sandbox a request is for, check its access token, and relay
+the request to the agent (or a user's server) inside it, streaming both ways.
+
+A request names its sandbox either by the SDK's headers (`E2b-Sandbox-Id`,
+`E2b-Sandbox-Port`) on the gateway's own origin, or by its host (`<port>-<id>.<domain>`)
+for wildcard-DNS set-ups. Bodies are never buffered: Connect streams and NDJSON flush
+message by message, and uploads stream into the sandbox.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import httpx
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from coppice.pool.lifecycle import State
+from coppice.store.records import HandedOut
+from coppice.substrates.base import AGENT_PORT
+
+INTERPRETER_PORT = 49999
+#: headers that describe one hop, not the message; never forwarded
+HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+_HOST_ROUTE = re.compile(r"^(?P<port>\d{1,5})-(?P<id>[a-z0-9]+)\.(?P<domain>[^:]+)(?::\d+)?$")
+
+
+@dataclass(frozen=True)
+class Target:
+    sandbox_id: str
+    port: int
+
+
+def target_of(request: Request, domain: str) -> Target | None:
+    """Which sandbox and port a request is meant for, or None if it is not in-sandbox traffic."""
+    sandbox_id = request.headers.get("e2b-sandbox-id")
+    if sandbox_id:
+        raw_port = request.headers.get("e2b-sandbox-port", str(AGENT_PORT))
+        return Target(sandbox_id, int(raw_port) if raw_port.isdigit() else -1)
+    m = _HOST_ROUTE.match(request.headers.get("host", "").lower())
+    if m and (not domain or m.group("domain") == domain.lower()):
+        return Target(m.group("id"), int(m.group("port")))
+    return None
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"code": status, "message": message}, status_code=status)
+
+
+def not_found(sandbox_id: str) -> JSONResponse:
+    # 502 plus "was not found" is what the SDK reads as "sandbox not running" (spec §2.6).
+    return error(502, f"sandbox {sandbox_id} was not found")
+
+
+def needs_token(target: Target, path: str) -> bool:
+    if target.port == AGENT_PORT:
+        return True
+    # The interpreter SDK sends the token only on /execute; /contexts calls carry none.
+    return target.port == INTERPRETER_PORT and path.startswith("/execute")
+
+
+def token_ok(handed: HandedOut, request: Request) -> bool:
+    presented = request.headers.get("x-access-token", "")
+    return hmac.compare_digest(presented.encode(), handed.sandbox.access_token.encode())
+
+
+class SandboxProxy:
+    def __init__(self) -> None:
+        # No read timeout: a command may stream for hours; the SDK enforces its own deadlines.
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=200),
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def relay(self, request: Request, handed: HandedOut, port: int) -> Response:
+        if not 0 < port < 65536:
+            return error(400, f"E2b-Sandbox-Port {port} is not a port number")
+        url = httpx.URL(
+            scheme="http",
+            host=handed.entry.ip,
+            port=port,
+            path=request.url.path,
+            query=request.url.query.encode(),
+        )
+        headers = [
+            (k, v)
+            for k, v in request.headers.items()
+            if k not in HOP_HEADERS and not k.startswith("e2b-sandbox-")
+        ]
+        body: bytes | AsyncIterator[bytes]
+        length = request.headers.get("content-length")
+        if length is not None and int(length or 0) <= 1 << 20:
+            body = await request.body()  # small: one write, and the agent sees its length
+        else:
+            body = request.stream()
+        upstream_request = self.client.build_request(
+            request.method, url, headers=headers, content=body
+        )
+        try:
+            upstream = await self.client.send(upstream_request, stream=True)
+        except httpx.ConnectError:
+            raise SandboxUnreachable(handed.sandbox.id, port) from None
+        except httpx.TransportError as exc:
+            return error(502, f"sandbox {handed.sandbox.id}: {type(exc).__name__}: {exc}")
+        response = StreamingResponse(
+            _relay_body(upstream),
+            status_code=upstream.status_code,
+            background=BackgroundTask(upstream.aclose),
+        )
+        # Verbatim, repeated headers included; the body is relayed undecoded, so its
+        # Content-Encoding and Content-Length still hold.
+        response.raw_headers = [
+            (k, v) for k, v in upstream.headers.raw if k.lower().decode() not in HOP_HEADERS
+        ]
+        return response
+
+
+async def _relay_body(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    except httpx.TransportError:
+        # The sandbox went away mid-stream; the client sees the stream end early, which the
+        # SDK turns into a "sandbox not running" probe.
+        return
+    except anyio.get_cancelled_exc_class():
+        raise
+
+
+class SandboxUnreachable(Exception):
+    """Connecting to the sandbox failed: it died, or nothing listens on that port."""
+
+    def __init__(self, sandbox_id: str, port: int) -> None:
+        super().__init__(f"sandbox {sandbox_id}: port {port} is not open")
+        self.sandbox_id = sandbox_id
+        self.port = port
+
+
+def is_running(handed: HandedOut) -> bool:
+    return handed.entry.state is State.IN_USE

@@ -1,0 +1,194 @@
+"""What the control plane does to sandboxes, as plain synchronous calls on the store and the
+pool controller. The ASGI layer runs these in worker threads; nothing here knows HTTP."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from coppice.config import Limits, Settings
+from coppice.errors import (
+    CapacityExceeded,
+    Conflict,
+    EntryNotFound,
+    IllegalTransition,
+    PoolExhausted,
+    SandboxNotFound,
+)
+from coppice.gateway.auth import Principal
+from coppice.gateway.catalog import TemplateCatalog
+from coppice.gateway.keeper import PoolKeeper
+from coppice.gateway.wire import CreateRequest, ListQuery, encode_token, state_of
+from coppice.images.recipes import RECIPES
+from coppice.pool.controller import PoolController
+from coppice.pool.lifecycle import Event, State
+from coppice.store.records import EntryRecord, HandedOut, SandboxRecord, TemplateRecord
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[HandedOut]
+    next_token: str | None
+
+
+class SandboxService:
+    def __init__(
+        self,
+        settings: Settings,
+        controller: PoolController,
+        keeper: PoolKeeper,
+        catalog: TemplateCatalog,
+    ) -> None:
+        self.settings = settings
+        self.controller = controller
+        self.store = controller.store
+        self.keeper = keeper
+        self.catalog = catalog
+        self._cold_starts = threading.BoundedSemaphore(settings.cold_start_parallelism)
+
+    def limits(self, template: str) -> Limits:
+        r = RECIPES.get(template)
+        return r.limits if r is not None and r.limits is not None else self.settings.limits
+
+    # -- create ---------------------------------------------------------------------------------
+
+    def create(
+        self, req: CreateRequest, who: Principal, idempotency_key: str | None
+    ) -> tuple[HandedOut, bool]:
+        """Hand out a sandbox; the flag says whether it is new (False: an idempotent repeat)."""
+        template = self.catalog.resolve(req.template_id)
+        if idempotency_key:
+            earlier = self.store.find_idempotent(who.tenant, idempotency_key)
+            if earlier is not None:
+                return earlier, False
+        now = time.time()
+        record = SandboxRecord(
+            id="",
+            template_id=req.template_id,
+            tenant=who.tenant,
+            access_token=secrets.token_urlsafe(24),
+            env_vars=req.env_vars,
+            metadata=req.metadata,
+            started_at=now,
+            end_at=now + req.timeout_s,
+            timeout_s=req.timeout_s,
+            on_timeout=req.on_timeout,
+            auto_resume=req.auto_resume,
+            idempotency_key=idempotency_key or None,
+        )
+        try:
+            entry = self.controller.checkout(template.name, record)
+        except PoolExhausted as exc:
+            entry = self._cold_start(template, record, exc)
+        finally:
+            self.keeper.wake()  # the pool just shrank (or tried to): refill
+        handed = self.store.get_sandbox(entry.id)
+        if handed is None:  # killed between checkout and here
+            raise SandboxNotFound(entry.id)
+        return handed, True
+
+    def _cold_start(
+        self, template: TemplateRecord, record: SandboxRecord, empty: PoolExhausted
+    ) -> EntryRecord:
+        if not self.settings.cold_start:
+            raise empty
+        if not self._cold_starts.acquire(blocking=False):
+            raise PoolExhausted(template.name, retry_after_s=1.0) from None
+        try:
+            return self.controller.start_cold(template.name, record)
+        except CapacityExceeded as exc:
+            raise PoolExhausted(template.name, retry_after_s=2.0) from exc
+        finally:
+            self._cold_starts.release()
+
+    # -- read -----------------------------------------------------------------------------------
+
+    def get(self, who: Principal, sandbox_id: str) -> HandedOut:
+        handed = self.store.get_sandbox(sandbox_id)
+        if handed is None or handed.sandbox.tenant != who.tenant:
+            raise SandboxNotFound(sandbox_id)
+        return handed
+
+    def page(self, who: Principal, query: ListQuery) -> Page:
+        matching = [
+            h
+            for h in self.store.list_sandboxes(who.tenant)
+            if (not query.states or state_of(h) in query.states)
+            and all(h.sandbox.metadata.get(k) == v for k, v in query.metadata.items())
+            and (query.after is None or (h.sandbox.started_at, h.sandbox.id) > query.after)
+        ]
+        items = matching[: query.limit]
+        token = None
+        if len(matching) > query.limit:
+            last = items[-1].sandbox
+            token = encode_token(last.started_at, last.id)
+        return Page(items, token)
+
+    # -- change ---------------------------------------------------------------------------------
+
+    def kill(self, who: Principal, sandbox_id: str) -> None:
+        self.get(who, sandbox_id)
+        try:
+            applied = self.store.apply(sandbox_id, Event.RETURN, "killed through the API")
+        except (EntryNotFound, IllegalTransition):
+            raise SandboxNotFound(sandbox_id) from None
+        # The sandbox is over as of the commit above; the teardown itself runs behind.
+        self.keeper.teardown(applied)
+
+    def set_timeout(self, who: Principal, sandbox_id: str, seconds: int) -> None:
+        self.get(who, sandbox_id)
+        self.store.set_sandbox_deadline(sandbox_id, time.time() + seconds, seconds)
+
+    def refresh(self, who: Principal, sandbox_id: str, seconds: int) -> None:
+        handed = self.get(who, sandbox_id)
+        end = max(handed.sandbox.end_at, time.time() + seconds)
+        self.store.set_sandbox_deadline(sandbox_id, end, handed.sandbox.timeout_s)
+
+    def pause(self, who: Principal, sandbox_id: str) -> None:
+        handed = self.get(who, sandbox_id)
+        if handed.entry.state is State.PAUSED:
+            raise Conflict(f"sandbox {sandbox_id} is already paused")
+        self.controller.pause_entry(sandbox_id)
+
+    def resume(self, who: Principal, sandbox_id: str, timeout_s: int | None) -> HandedOut:
+        handed = self.get(who, sandbox_id)
+        if handed.entry.state is not State.PAUSED:
+            raise Conflict(f"sandbox {sandbox_id} is already running")
+        return self._wake(handed, timeout_s)
+
+    def connect(self, who: Principal, sandbox_id: str, timeout_s: int | None) -> HandedOut:
+        """Resume if paused; with `timeout_s`, the sandbox lives at least that much longer."""
+        handed = self.get(who, sandbox_id)
+        if handed.entry.state is State.PAUSED:
+            return self._wake(handed, timeout_s)
+        if timeout_s is not None:
+            self.refresh(who, sandbox_id, timeout_s)
+        return self.get(who, sandbox_id)
+
+    def _wake(self, handed: HandedOut, timeout_s: int | None) -> HandedOut:
+        sandbox_id = handed.sandbox.id
+        try:
+            self.controller.resume_entry(sandbox_id)
+        except (EntryNotFound, IllegalTransition):
+            raise SandboxNotFound(sandbox_id) from None
+        seconds = timeout_s if timeout_s is not None else int(handed.sandbox.timeout_s)
+        self.store.set_sandbox_deadline(sandbox_id, time.time() + seconds, seconds)
+        woken = self.store.get_sandbox(sandbox_id)
+        if woken is None:
+            raise SandboxNotFound(sandbox_id)
+        return woken
+
+    def auto_resume(self, sandbox_id: str) -> bool:
+        """Traffic reached a paused sandbox: resume it if it asked for that at creation."""
+        handed = self.store.get_sandbox(sandbox_id)
+        if handed is None or handed.entry.state is not State.PAUSED:
+            return handed is not None
+        if not handed.sandbox.auto_resume:
+            return False
+        try:
+            self._wake(handed, None)
+        except (SandboxNotFound, Conflict):
+            return False
+        return True

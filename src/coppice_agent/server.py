@@ -1,0 +1,89 @@
+"""The agent process: envd on 49983 and the code interpreter on 49999, one event loop and one
+uvicorn server listening on both sockets (the port a request arrived on picks the app).
+
+Start-up order matters for the warm pool: the pool pauses an entry as soon as `/ready`
+answers, so `/ready` waits for the default kernel to be warm, and the first `run_code` after
+checkout finds it already running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from coppice_agent.envd import build_envd_app
+from coppice_agent.environment import SandboxEnvironment
+from coppice_agent.interpreter import Interpreter, build_interpreter_app
+
+ENVD_PORT = 49983
+INTERPRETER_PORT = 49999
+
+
+def build_envd_root(envd: ASGIApp, interpreter: Interpreter) -> Starlette:
+    async def ready(_: Request) -> Response:
+        if interpreter.is_ready:
+            return Response(status_code=204)
+        return JSONResponse({"code": 503, "message": "kernel still starting"}, status_code=503)
+
+    return Starlette(routes=[Route("/ready", ready), Mount("/", envd)])
+
+
+class PortDispatch:
+    """Routes each connection to the app of the port it arrived on."""
+
+    def __init__(self, by_port: dict[int, ASGIApp], default: ASGIApp) -> None:
+        self.by_port = by_port
+        self.default = default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        app = self.by_port.get(server[1], self.default) if server else self.default
+        await app(scope, receive, send)
+
+
+def _listen(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))  # noqa: S104 - the sandbox's own interface; only the host reaches it
+    sock.set_inheritable(False)
+    return sock
+
+
+async def serve(
+    env: SandboxEnvironment, ports: tuple[int, int] = (ENVD_PORT, INTERPRETER_PORT)
+) -> None:
+    interpreter = Interpreter(env)
+    envd_port, interpreter_port = ports
+    envd = build_envd_root(build_envd_app(env), interpreter)
+    app = PortDispatch({interpreter_port: build_interpreter_app(interpreter, env)}, envd)
+    config = uvicorn.Config(
+        app,
+        loop="asyncio",
+        http="h11",
+        ws="none",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    warm = asyncio.create_task(interpreter.start())
+    try:
+        await server.serve(sockets=[_listen(envd_port), _listen(interpreter_port)])
+    finally:
+        warm.cancel()
+        await asyncio.gather(warm, return_exceptions=True)
+        await interpreter.shutdown()
+
+
+def main() -> None:
+    env = SandboxEnvironment(default_user=os.environ.get("COPPICE_DEFAULT_USER", "user"))
+    asyncio.run(serve(env))
