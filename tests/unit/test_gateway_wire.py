@@ -1,9 +1,9 @@
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import pytest
-from dateutil.parser import isoparse
 
 from coppice.errors import InvalidRequest
 from coppice.gateway.wire import (
@@ -78,4 +78,4 @@ def test_page_token_round_trip() -> None:
 
 
 def test_timestamps_parse_as_the_sdk_parses_them() -> None:
-    assert isoparse(iso(1700000000.5)).timestamp() == 1700000000.5
+    assert datetime.fromisoformat(iso(1700000000.5)).timestamp() == 1700000000.5

@@ -112,12 +112,22 @@ class SandboxService:
         return handed
 
     def page(self, who: Principal, query: ListQuery) -> Page:
+        ordered = self.store.list_sandboxes(who.tenant)
+        if query.newest_first:
+            ordered.reverse()
+
+        def past_cursor(h: HandedOut) -> bool:
+            if query.after is None:
+                return True
+            key = (h.sandbox.started_at, h.sandbox.id)
+            return key < query.after if query.newest_first else key > query.after
+
         matching = [
             h
-            for h in self.store.list_sandboxes(who.tenant)
+            for h in ordered
             if (not query.states or state_of(h) in query.states)
             and all(h.sandbox.metadata.get(k) == v for k, v in query.metadata.items())
-            and (query.after is None or (h.sandbox.started_at, h.sandbox.id) > query.after)
+            and past_cursor(h)
         ]
         items = matching[: query.limit]
         token = None

@@ -164,6 +164,7 @@ class ListQuery:
     states: frozenset[str]
     limit: int
     after: tuple[float, str] | None  # (started_at, id) of the last item of the previous page
+    newest_first: bool = False
 
 
 def parse_list_query(params: dict[str, str], max_limit: int = 1000) -> ListQuery:
@@ -181,7 +182,10 @@ def parse_list_query(params: dict[str, str], max_limit: int = 1000) -> ListQuery
     after = None
     if params.get("nextToken"):
         after = decode_token(params["nextToken"])
-    return ListQuery(metadata, states, int(raw_limit), after)
+    order = params.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest(f"order must be asc or desc, not {order!r}")
+    return ListQuery(metadata, states, int(raw_limit), after, newest_first=order == "desc")
 
 
 def encode_token(started_at: float, sandbox_id: str) -> str:

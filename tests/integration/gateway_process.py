@@ -1,0 +1,85 @@
+"""`coppice serve` as a child process of the test session, on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+API_KEY = "test-key"
+#: a second tenant, to check that tenants do not see each other's sandboxes
+OTHER_TENANT_KEY = "other-key"
+KEYS = f"{API_KEY},other:{OTHER_TENANT_KEY}:create|read|manage"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class GatewayProcess:
+    def __init__(self, env: dict[str, str], log: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**env, "COPPICE_API_KEYS": KEYS, **settings}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 180.0) -> GatewayProcess:
+        exe = shutil.which("coppice") or str(Path(__file__).parents[2] / ".venv/bin/coppice")
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [exe, "serve", "--port", str(self.port)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"coppice serve exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"coppice serve did not come up:\n{self.tail()}")
+
+    def stop(self) -> int:
+        """SIGTERM, as a service manager would; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def sdk_env(self) -> dict[str, str]:
+        return {
+            "E2B_API_URL": self.url,
+            "E2B_SANDBOX_URL": self.url,
+            "E2B_API_KEY": API_KEY,
+        }
+
+
+def point_sdk_at(gateway: GatewayProcess) -> None:
+    os.environ.pop("E2B_DEBUG", None)
+    os.environ.pop("E2B_DOMAIN", None)
+    os.environ.update(gateway.sdk_env())
