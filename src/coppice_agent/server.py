@@ -9,6 +9,7 @@ checkout finds it already running.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
@@ -22,6 +23,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from coppice_agent.envd import build_envd_app
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.interpreter import Interpreter, build_interpreter_app
+
+log = logging.getLogger("coppice_agent")
 
 ENVD_PORT = 49983
 INTERPRETER_PORT = 49999
@@ -50,8 +53,11 @@ class PortDispatch:
 
 
 def _listen(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Named as TCP explicitly: asyncio only turns on TCP_NODELAY for sockets that say so, and
+    # without it every answer on a kept-alive connection waits out delayed ACKs (~40 ms).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("0.0.0.0", port))  # noqa: S104 - the sandbox's own interface; only the host reaches it
     sock.set_inheritable(False)
     return sock
@@ -76,6 +82,7 @@ async def serve(
     )
     server = uvicorn.Server(config)
     warm = asyncio.create_task(interpreter.start())
+    warm.add_done_callback(_report_failed_warm)
     try:
         await server.serve(sockets=[_listen(envd_port), _listen(interpreter_port)])
     finally:
@@ -84,6 +91,16 @@ async def serve(
         await interpreter.shutdown()
 
 
+def _report_failed_warm(task: asyncio.Task[None]) -> None:
+    # /ready stays 503 after this, and the pool's readiness probe reports the timeout; the
+    # reason must reach the sandbox's console log, where that report points.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the default kernel did not start", exc_info=task.exception())
+
+
 def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="coppice-agent %(levelname)s %(name)s: %(message)s"
+    )
     env = SandboxEnvironment(default_user=os.environ.get("COPPICE_DEFAULT_USER", "user"))
     asyncio.run(serve(env))

@@ -10,6 +10,7 @@ Downloaded .deb files live in a host-level cache shared by every state directory
 
 from __future__ import annotations
 
+import compileall
 import fcntl
 import hashlib
 import json
@@ -300,7 +301,6 @@ class TemplateBuilder:
                 "--no-deps",
                 "--require-hashes",
                 "--only-binary=:all:",
-                "--no-compile",
                 "--target",
                 str(site),
                 "-r",
@@ -323,6 +323,9 @@ class TemplateBuilder:
             dest = site / "coppice_agent" / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(data)
+        # Byte-compile now: a sandbox would otherwise compile the agent at every start and
+        # keep the .pyc files in its own writable layer.
+        compileall.compile_dir(str(site / "coppice_agent"), quiet=1, workers=1)
 
     def _customise(self, root: Path, r: Recipe, key: PoolKey, digest: str) -> None:
         for old in (root / "etc/ssh").glob("ssh_host_*"):

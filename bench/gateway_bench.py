@@ -1,0 +1,177 @@
+"""Gateway benchmark through the real e2b SDKs; prints p50/p95/p99.
+
+    sudo .venv/bin/python bench/gateway_bench.py [--runs 100] [--pool 12]
+
+Starts `coppice serve` on a free loopback port (instance from Settings.load()), keeps the
+python pool at --pool entries, then times:
+  create -> first command output    Sandbox.create() + commands.run("echo ok")
+  create -> first run_code result   code_interpreter Sandbox.create() + run_code("1+1")
+at concurrency 1 and 10. Each sample's sandbox is killed afterwards (untimed), and every
+round waits until the pool holds enough warm entries again: the numbers are for a warm pool,
+which is what the pool is for (cold starts are measured by bench/pool_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from coppice.config import Settings
+from coppice.pool.lifecycle import State
+from coppice.store.store import Store
+
+API_KEY = "bench"
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {
+        "p50": pick(0.50),
+        "p95": pick(0.95),
+        "p99": pick(0.99),
+        "mean": statistics.fmean(ordered),
+        "n": len(ordered),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start_gateway(pool: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "COPPICE_API_KEYS": API_KEY, "COPPICE_POOL_TARGETS": f"python={pool}"}
+    exe = str(Path(sys.executable).with_name("coppice"))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [exe, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"coppice serve exited; see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"coppice serve did not come up; see {log}")
+
+
+def wait_for_pool(store: Store, template: str, at_least: int, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready = sum(1 for e in store.list_entries(template) if e.state is State.AVAILABLE)
+        if ready >= at_least:
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"the {template} pool did not refill to {at_least} in {timeout_s:.0f} s")
+
+
+def rounds(
+    store: Store, runs: int, concurrency: int, sample: Callable[[], tuple[float, object]]
+) -> list[float]:
+    """`runs` samples, `concurrency` at a time started together; sandboxes killed after."""
+    samples: list[float] = []
+    while len(samples) < runs:
+        wait_for_pool(store, "python", concurrency)
+        time.sleep(0.2)  # let the refill's own CPU work settle before timing
+        barrier = threading.Barrier(concurrency)
+        with ThreadPoolExecutor(concurrency) as pool:
+            futures = [pool.submit(_together, barrier, sample) for _ in range(concurrency)]
+            got = [f.result() for f in futures]
+        for ms, sbx in got:
+            samples.append(ms)
+            sbx.kill()  # type: ignore[attr-defined]
+    return samples[:runs]
+
+
+def _together(
+    barrier: threading.Barrier, sample: Callable[[], tuple[float, object]]
+) -> tuple[float, object]:
+    barrier.wait()
+    return sample()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--pool", type=int, default=12)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    settings = Settings.load()
+    store = Store(settings.database_path)
+    log = Path("/tmp/coppice-gateway-bench.log")
+    proc, url = start_gateway(args.pool, log)
+    os.environ.update({"E2B_API_URL": url, "E2B_SANDBOX_URL": url, "E2B_API_KEY": API_KEY})
+    os.environ.pop("E2B_DEBUG", None)
+    from e2b import Sandbox
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    def command_sample() -> tuple[float, object]:
+        t0 = time.perf_counter()
+        sbx = Sandbox.create()
+        out = sbx.commands.run("echo ok").stdout
+        ms = (time.perf_counter() - t0) * 1000
+        assert out == "ok\n", out
+        return ms, sbx
+
+    def code_sample() -> tuple[float, object]:
+        t0 = time.perf_counter()
+        sbx = CodeSandbox.create()
+        text = sbx.run_code("1+1").text
+        ms = (time.perf_counter() - t0) * 1000
+        assert text == "2", text
+        return ms, sbx
+
+    results: dict[str, dict[str, float]] = {}
+    try:
+        wait_for_pool(store, "python", args.pool)
+        rounds(store, 3, 1, command_sample)  # warm the SDK's connection pools
+        for concurrency in (1, 10):
+            for name, fn in (
+                ("create -> first command output", command_sample),
+                ("create -> first run_code result", code_sample),
+            ):
+                key = f"{name} (concurrency {concurrency})"
+                results[key] = percentiles(rounds(store, args.runs, concurrency, fn))
+                r = results[key]
+                print(
+                    f"{key:<50} p50 {r['p50']:7.2f} ms  p95 {r['p95']:7.2f} ms  "
+                    f"p99 {r['p99']:7.2f} ms  (n={r['n']:.0f})",
+                    flush=True,
+                )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    print(f"host: {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""process.Process over real HTTP: the generated sync client against the envd app."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from connectrpc.code import Code
+from connectrpc.codec import proto_binary_codec
+from connectrpc.errors import ConnectError
+from protobuf import Oneof
+
+from coppice_agent.environment import SandboxEnvironment
+from coppice_agent.rpc.process.process_connect import ProcessClientSync
+from coppice_agent.rpc.process.process_pb import (
+    PTY,
+    CloseStdinRequest,
+    ConnectRequest,
+    ConnectResponse,
+    ListRequest,
+    ProcessConfig,
+    ProcessEvent,
+    ProcessInput,
+    ProcessSelector,
+    SendInputRequest,
+    SendSignalRequest,
+    Signal,
+    StartRequest,
+    StartResponse,
+    StreamInputRequest,
+    UpdateRequest,
+)
+from tests.agent.envd_harness import EnvdServer, basic_auth, running_envd
+
+KEEPALIVE = 0.2
+
+
+@pytest.fixture(scope="module")
+def envd() -> Iterator[EnvdServer]:
+    env = SandboxEnvironment(default_user="root", env_vars={"SBX_WIDE": "yes", "OVERRIDE": "env"})
+    with running_envd(env, keepalive_interval=KEEPALIVE) as server:
+        yield server
+
+
+@pytest.fixture
+def client(envd: EnvdServer) -> Iterator[ProcessClientSync]:
+    with envd.processes() as c:
+        yield c
+
+
+class Run:
+    """Everything one Start/Connect stream delivered."""
+
+    def __init__(self, events: list[ProcessEvent]) -> None:
+        self.events = events
+
+    def kinds(self) -> list[str]:
+        return [e.event.field for e in self.events if e.event is not None]
+
+    def output(self, field: str) -> bytes:
+        out = b""
+        for e in self.events:
+            if e.event is not None and e.event.field == "data":
+                choice = e.event.value.output
+                if choice is not None and choice.field == field:
+                    out += choice.value
+        return out
+
+    @property
+    def end(self) -> ProcessEvent.EndEvent:
+        last = self.events[-1].event
+        assert last is not None and last.field == "end", self.kinds()
+        return last.value
+
+    @property
+    def pid(self) -> int:
+        first = self.events[0].event
+        assert first is not None and first.field == "start"
+        return first.value.pid
+
+
+def bash(
+    script: str,
+    *,
+    cwd: str | None = None,
+    envs: dict[str, str] | None = None,
+    stdin: bool = False,
+    tag: str | None = None,
+) -> StartRequest:
+    return StartRequest(
+        process=ProcessConfig(cmd="/bin/bash", args=["-c", script], envs=envs or {}, cwd=cwd),
+        stdin=stdin,
+        tag=tag,
+    )
+
+
+def events(stream: Iterator[StartResponse] | Iterator[ConnectResponse]) -> list[ProcessEvent]:
+    return [r.event for r in stream if r.event is not None]
+
+
+def collect(stream: Iterator[StartResponse] | Iterator[ConnectResponse]) -> Run:
+    return Run(events(stream))
+
+
+def started(stream: Iterator[StartResponse]) -> tuple[ProcessEvent, int]:
+    """The start event off a fresh stream, and the pid it names."""
+    event = next(stream).event
+    assert event is not None and event.event is not None and event.event.field == "start"
+    return event, event.event.value.pid
+
+
+def pid_selector(pid: int) -> ProcessSelector:
+    choice: Oneof[Literal["pid"], int] = Oneof("pid", pid)
+    return ProcessSelector(selector=choice)
+
+
+def tag_selector(tag: str) -> ProcessSelector:
+    choice: Oneof[Literal["tag"], str] = Oneof("tag", tag)
+    return ProcessSelector(selector=choice)
+
+
+def stdin_bytes(data: bytes) -> ProcessInput:
+    choice: Oneof[Literal["stdin"], bytes] = Oneof("stdin", data)
+    return ProcessInput(input=choice)
+
+
+def pty_bytes(data: bytes) -> ProcessInput:
+    choice: Oneof[Literal["pty"], bytes] = Oneof("pty", data)
+    return ProcessInput(input=choice)
+
+
+def kill(client: ProcessClientSync, pid: int) -> None:
+    client.send_signal(SendSignalRequest(process=pid_selector(pid), signal=Signal.SIGKILL))
+
+
+def live_group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_run_streams_stdout_stderr_and_exit(client: ProcessClientSync) -> None:
+    run = collect(client.start(bash("echo hello; echo err >&2; echo again")))
+    assert run.kinds()[0] == "start"
+    assert run.output("stdout") == b"hello\nagain\n"
+    assert run.output("stderr") == b"err\n"
+    assert run.end.exit_code == 0
+    assert run.end.exited
+    assert run.end.status == "exit status 0"
+    assert not run.end.has_field("error")
+
+
+def test_nonzero_exit_reports_code_and_error(client: ProcessClientSync) -> None:
+    run = collect(client.start(bash("exit 3")))
+    assert run.end.exit_code == 3
+    assert run.end.error == "exit status 3"
+
+
+def test_binary_codec_works_too(envd: EnvdServer) -> None:
+    with envd.processes(codec=proto_binary_codec()) as c:
+        run = collect(c.start(bash("printf '\\x00\\xff'")))
+    assert run.output("stdout") == b"\x00\xff"
+
+
+def test_environment_layers(client: ProcessClientSync) -> None:
+    run = collect(
+        client.start(bash('echo "$SBX_WIDE $OVERRIDE $HOME $USER"', envs={"OVERRIDE": "req"}))
+    )
+    assert run.output("stdout") == b"yes req /root root\n"
+
+
+def test_cwd_and_missing_cwd(client: ProcessClientSync, tmp_path: Path) -> None:
+    run = collect(client.start(bash("pwd", cwd=str(tmp_path))))
+    assert run.output("stdout").decode().strip() == str(tmp_path)
+    with pytest.raises(ConnectError) as info:
+        collect(client.start(bash("pwd", cwd="/does/not/exist")))
+    assert info.value.code == Code.INVALID_ARGUMENT
+
+
+def test_runs_as_basic_auth_user(client: ProcessClientSync) -> None:
+    run = collect(client.start(bash("id -u; echo $HOME"), headers=basic_auth("nobody")))
+    uid, home = run.output("stdout").decode().split()
+    assert int(uid) == 65534
+    assert home == "/nonexistent"
+
+
+def test_unknown_user_is_invalid_argument(client: ProcessClientSync) -> None:
+    with pytest.raises(ConnectError) as info:
+        collect(client.start(bash("true"), headers=basic_auth("no-such-user-here")))
+    assert info.value.code == Code.INVALID_ARGUMENT
+
+
+def test_keepalives_during_silence(client: ProcessClientSync) -> None:
+    run = collect(client.start(bash(f"sleep {KEEPALIVE * 3}")))
+    assert "keepalive" in run.kinds()
+    assert run.end.exit_code == 0
+
+
+def test_background_tree_listed_and_killed_as_a_group(envd: EnvdServer) -> None:
+    with envd.processes() as c:
+        stream = c.start(bash("sleep 100 & sleep 100", tag="tree"))
+        first, pid = started(stream)
+        assert wait_until(lambda: len(live_group_members(pid)) >= 3)
+        listed = {p.pid: p for p in c.list(ListRequest()).processes}
+        assert pid in listed
+        assert listed[pid].tag == "tree"
+        config = listed[pid].config
+        assert config is not None
+        assert config.args == ["-c", "sleep 100 & sleep 100"]
+        kill(c, pid)
+        run = Run([first, *events(stream)])
+        assert run.end.status == "signal: killed"
+        assert run.end.exit_code == -1
+        assert not run.end.exited
+        assert wait_until(lambda: not live_group_members(pid))
+        assert pid not in {p.pid for p in c.list(ListRequest()).processes}
+
+
+def test_signal_by_tag_and_unknown_pid(client: ProcessClientSync) -> None:
+    stream = client.start(bash("sleep 100", tag="by-tag"))
+    started(stream)
+    client.send_signal(SendSignalRequest(process=tag_selector("by-tag"), signal=Signal.SIGTERM))
+    assert collect(stream).end.status == "signal: terminated"
+    with pytest.raises(ConnectError) as info:
+        client.send_signal(SendSignalRequest(process=pid_selector(999_999), signal=Signal.SIGKILL))
+    assert info.value.code == Code.NOT_FOUND
+    with pytest.raises(ConnectError) as info:
+        collect(client.connect(ConnectRequest(process=pid_selector(999_999))))
+    assert info.value.code == Code.NOT_FOUND
+
+
+def test_disconnect_keeps_process_and_connect_reattaches(envd: EnvdServer) -> None:
+    with envd.processes() as c:
+        stream = c.start(bash("sleep 0.6; echo after"))
+        _, pid = started(stream)
+        stream.close()  # type: ignore[attr-defined]
+        time.sleep(0.1)
+        assert pid in {p.pid for p in c.list(ListRequest()).processes}
+        run = collect(c.connect(ConnectRequest(process=pid_selector(pid))))
+    assert run.pid == pid
+    assert run.output("stdout") == b"after\n"
+    assert run.end.exit_code == 0
+
+
+def test_several_watchers_see_the_same_output(envd: EnvdServer) -> None:
+    with envd.processes() as c:
+        stream = c.start(bash("sleep 0.5; echo shared"))
+        first, pid = started(stream)
+        attached: list[Run] = []
+
+        def watch() -> None:
+            with envd.processes() as other:
+                attached.append(collect(other.connect(ConnectRequest(process=pid_selector(pid)))))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        own = Run([first, *events(stream)])
+        watcher.join(timeout=10)
+    assert own.output("stdout") == b"shared\n"
+    assert attached[0].output("stdout") == b"shared\n"
+
+
+def test_stdin_send_input_and_close(envd: EnvdServer) -> None:
+    with envd.processes() as c:
+        stream = c.start(bash("cat; echo done", stdin=True))
+        _, pid = started(stream)
+        c.send_input(SendInputRequest(process=pid_selector(pid), input=stdin_bytes(b"hi\n")))
+        c.close_stdin(CloseStdinRequest(process=pid_selector(pid)))
+        run = collect(stream)
+    assert run.output("stdout") == b"hi\ndone\n"
+
+
+def test_stream_input(envd: EnvdServer) -> None:
+    with envd.processes() as c:
+        stream = c.start(bash("cat", stdin=True))
+        _, pid = started(stream)
+
+        def messages() -> Iterator[StreamInputRequest]:
+            start: Oneof[Literal["start"], StreamInputRequest.StartEvent] = Oneof(
+                "start", StreamInputRequest.StartEvent(process=pid_selector(pid))
+            )
+            yield StreamInputRequest(event=start)
+            for chunk in (b"one ", b"two"):
+                data: Oneof[Literal["data"], StreamInputRequest.DataEvent] = Oneof(
+                    "data", StreamInputRequest.DataEvent(input=stdin_bytes(chunk))
+                )
+                yield StreamInputRequest(event=data)
+
+        c.stream_input(messages())
+        c.close_stdin(CloseStdinRequest(process=pid_selector(pid)))
+        run = collect(stream)
+    assert run.output("stdout") == b"one two"
+
+
+def test_stdin_false_reads_dev_null(client: ProcessClientSync) -> None:
+    run = collect(client.start(bash("cat; readlink /proc/self/fd/0")))
+    assert run.output("stdout") == b"/dev/null\n"
+    stream = client.start(bash("sleep 5"))
+    _, pid = started(stream)
+    try:
+        with pytest.raises(ConnectError) as info:
+            client.send_input(SendInputRequest(process=pid_selector(pid), input=stdin_bytes(b"x")))
+        assert info.value.code == Code.FAILED_PRECONDITION
+    finally:
+        kill(client, pid)
+        collect(stream)
+
+
+def test_pty_start_input_and_resize(envd: EnvdServer) -> None:
+    script = (
+        "stty size; echo $TERM; tty >/dev/null && echo tty; read line; echo got:$line; stty size"
+    )
+    request = StartRequest(
+        process=ProcessConfig(cmd="/bin/bash", args=["-c", script], envs={"TERM": "xterm"}),
+        pty=PTY(size=PTY.Size(rows=24, cols=80)),
+    )
+    with envd.processes() as c:
+        stream = c.start(request)
+        first, pid = started(stream)
+        so_far = [first]
+        for response in stream:
+            assert response.event is not None
+            so_far.append(response.event)
+            if b"tty" in Run(so_far).output("pty").split(b"\r\n"):
+                break
+        c.update(
+            UpdateRequest(process=pid_selector(pid), pty=PTY(size=PTY.Size(rows=30, cols=100)))
+        )
+        c.send_input(SendInputRequest(process=pid_selector(pid), input=pty_bytes(b"x\n")))
+        so_far.extend(events(stream))
+    run = Run(so_far)
+    text = run.output("pty").decode()
+    assert "24 80" in text
+    assert "xterm" in text
+    assert "got:x" in text
+    assert "30 100" in text
+    assert run.end.exit_code == 0
+
+
+def test_start_deadline_kills_the_process(client: ProcessClientSync) -> None:
+    with pytest.raises(ConnectError) as info:
+        collect(client.start(bash("sleep 30", tag="deadline"), timeout_ms=300))
+    assert info.value.code in (Code.DEADLINE_EXCEEDED, Code.CANCELED)
+    assert wait_until(
+        lambda: all(p.tag != "deadline" for p in client.list(ListRequest()).processes)
+    )
+
+
+def test_command_not_found(client: ProcessClientSync) -> None:
+    with pytest.raises(ConnectError) as info:
+        collect(client.start(StartRequest(process=ProcessConfig(cmd="/no/such/binary"))))
+    assert info.value.code == Code.INVALID_ARGUMENT
+
+
+def test_no_processes_left_behind(client: ProcessClientSync) -> None:
+    assert wait_until(lambda: not client.list(ListRequest()).processes)
