@@ -24,6 +24,8 @@ _RESULT_FIELDS: Mapping[str, str] = {
     "application/javascript": "javascript",
 }
 
+_BASE64_TYPES = frozenset({"image/png", "image/jpeg", "application/pdf"})
+
 
 def result_event(bundle: Mapping[str, Any], *, is_main_result: bool) -> Event:
     event: Event = {"type": "result"}
@@ -32,6 +34,9 @@ def result_event(bundle: Mapping[str, Any], *, is_main_result: bool) -> Event:
         field = _RESULT_FIELDS.get(mime)
         if field is None:
             extra[mime] = value
+        elif mime in _BASE64_TYPES and isinstance(value, str):
+            # Older IPython (Debian's) wraps base64 with newlines; clients want it plain.
+            event[field] = "".join(value.split())
         else:
             event[field] = value
     if extra:

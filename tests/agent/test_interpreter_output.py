@@ -6,7 +6,7 @@ from typing import Any
 
 from e2b_code_interpreter.models import Execution, parse_output
 
-from coppice_agent.kernel_output import END_OF_EXECUTION, encode, output_event
+from coppice_agent.kernel_output import END_OF_EXECUTION, encode, output_event, result_event
 
 
 def parse(*messages: tuple[str, dict[str, Any]]) -> Any:
@@ -63,3 +63,8 @@ def test_each_event_is_exactly_one_line() -> None:
     assert line.endswith(b"\n")
     assert line.count(b"\n") == 1
     assert line.decode().splitlines() == [line.decode()[:-1]]
+
+
+def test_wrapped_base64_images_come_out_plain() -> None:
+    event = result_event({"image/png": "iVBORw0KGgo\nAAAA\n"}, is_main_result=False)
+    assert event["png"] == "iVBORw0KGgoAAAA"

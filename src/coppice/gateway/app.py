@@ -307,7 +307,7 @@ async def relay(request: Request) -> Response:
     handed = await _run(gw.service.store.get_sandbox, target.sandbox_id)
     if handed is None:
         return not_found(target.sandbox_id)
-    if needs_token(target, request.url.path) and not token_ok(handed, request):
+    if needs_token(target, request.url.path, request.url.query) and not token_ok(handed, request):
         return error(401, "missing or wrong X-Access-Token for this sandbox")
     if handed.entry.state is not State.IN_USE:
         resumed = await _run(gw.service.auto_resume, target.sandbox_id)

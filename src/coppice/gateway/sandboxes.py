@@ -92,7 +92,8 @@ class SandboxService:
     def _cold_start(
         self, template: TemplateRecord, record: SandboxRecord, empty: PoolExhausted
     ) -> EntryRecord:
-        if not self.settings.cold_start:
+        recipe = RECIPES.get(template.name)
+        if not self.settings.cold_start or (recipe is not None and not recipe.cold_start):
             raise empty
         if not self._cold_starts.acquire(blocking=False):
             raise PoolExhausted(template.name, retry_after_s=1.0) from None

@@ -32,6 +32,9 @@ class Recipe:
     limits: Limits | None = None
     #: other names the gateway accepts for this template (E2B's template ids)
     aliases: tuple[str, ...] = ()
+    #: may the gateway start one on demand when the pool is empty (also needs the
+    #: `cold_start` setting); False answers 429 instead, for templates too slow to boot
+    cold_start: bool = True
 
 
 RECIPES: dict[str, Recipe] = {
