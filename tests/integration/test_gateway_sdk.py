@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
+from coppice.substrates.jail import JailSubstrate
 
 from .gateway_process import API_KEY, OTHER_TENANT_KEY, GatewayProcess, point_sdk_at
 
@@ -376,7 +376,10 @@ def test_a_sandbox_that_died_is_reported_not_running(
 ) -> None:
     sbx = Sandbox.create()
     entry = controller.store.get(sbx.sandbox_id)
-    os.kill(int((entry.handle or {})["pid"]), signal.SIGKILL)
+    # Everything in it dies at once, as under the OOM killer or a host-side kill.
+    jail = controller.substrate(entry.substrate)
+    assert isinstance(jail, JailSubstrate)
+    jail.cgroups.kill_all(entry.id)
     with pytest.raises(SandboxException, match=r"not running|not found"):
         sbx.commands.run("true")
     assert sbx.is_running() is False

@@ -244,9 +244,6 @@ class JailSubstrate:
             "--hostname",
             spec.hostname,
             "--new-session",
-            # The head process (whose pid + start time the database holds) and the jail live
-            # and die together, so "is the head running" is the whole truth about liveness.
-            "--die-with-parent",
             "--cap-drop",
             "ALL",
             *caps,
