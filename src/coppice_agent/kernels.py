@@ -118,6 +118,9 @@ _RESTORE_ENV_CODE = (
 )
 
 
+_RESEED_CODE = "; __import__('random').seed()"
+
+
 def _update_env_code(set_values: Mapping[str, str], unset: Sequence[str]) -> str:
     return (
         "(lambda e, s, u: (e.update(s), [e.pop(k, None) for k in u]))"
@@ -251,15 +254,19 @@ class Kernel:
 
     async def update_environment(self, target: Mapping[str, str]) -> None:
         """Bring the kernel's os.environ to `target` for every variable we manage, leaving any
-        the user's own code set alone."""
+        the user's own code set alone, and reseed its `random` module.
+
+        Sent without waiting for the reply: the kernel runs shell requests in order, so every
+        later cell already sees the change, and /init (on the path of every create) does not
+        pay a kernel round trip. The reseed matters for VM clones, which all wake up with the
+        random state of the one snapshot they were restored from.
+        """
         set_values = {k: v for k, v in target.items() if self.environment.get(k) != v}
         unset = [k for k in self.environment if k not in target]
-        if not set_values and not unset:
-            return
         async with self._lock:
             if not self.usable:
                 return
-            await self._silent(_update_env_code(set_values, unset))
+            self._send_silent(_update_env_code(set_values, unset) + _RESEED_CODE)
             self.environment = dict(target)
 
     async def interrupt(self) -> None:

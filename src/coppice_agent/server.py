@@ -72,8 +72,8 @@ async def serve(
     app = PortDispatch({interpreter_port: build_interpreter_app(interpreter, env)}, envd)
     config = uvicorn.Config(
         app,
-        loop="asyncio",
-        http="h11",
+        loop="auto",
+        http="auto",
         ws="none",
         lifespan="off",
         access_log=False,

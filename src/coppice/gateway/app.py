@@ -6,6 +6,7 @@ Every error leaves through `_coppice_error` (or the two fallbacks beside it) as 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from coppice.gateway.auth import Scope as KeyScope
 from coppice.gateway.catalog import TemplateCatalog, aliases_of
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.proxy import (
+    SandboxDirectory,
     SandboxProxy,
     SandboxUnreachable,
     error,
@@ -65,6 +67,7 @@ class Gateway:
     keeper: PoolKeeper
     service: SandboxService
     proxy: SandboxProxy
+    directory: SandboxDirectory
 
     def template_of(self, handed: HandedOut) -> str:
         return handed.entry.template
@@ -131,7 +134,7 @@ async def _init_agent(gw: Gateway, handed: HandedOut) -> None:
     }
     url = f"http://{handed.entry.ip}:{AGENT_PORT}/init"
     try:
-        answer = await gw.proxy.client.post(url, json=body, timeout=10.0)
+        answer = await gw.proxy.client(handed.sandbox.id).post(url, json=body, timeout=10.0)
     except Exception as exc:
         raise SandboxUnreachable(handed.sandbox.id, AGENT_PORT) from exc
     if answer.status_code >= 300:
@@ -176,6 +179,8 @@ async def kill_sandbox(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.MANAGE)
     await _run(gw.service.kill, who, request.path_params["sandbox_id"])
+    gw.directory.forget(request.path_params["sandbox_id"])
+    await gw.proxy.forget(request.path_params["sandbox_id"])
     return Response(status_code=204)
 
 
@@ -205,6 +210,7 @@ async def pause(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.MANAGE)
     await _run(gw.service.pause, who, request.path_params["sandbox_id"])
+    gw.directory.forget(request.path_params["sandbox_id"])
     return Response(status_code=204)
 
 
@@ -221,6 +227,7 @@ async def resume(request: Request) -> Response:
     who = _who(request, KeyScope.MANAGE)
     timeout = _optional_timeout(gw, await _json(request, {}))
     handed = await _run(gw.service.resume, who, request.path_params["sandbox_id"], timeout)
+    gw.directory.forget(handed.sandbox.id)
     return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=201)
 
 
@@ -231,6 +238,7 @@ async def connect(request: Request) -> Response:
     sandbox_id = request.path_params["sandbox_id"]
     was_paused = (await _run(gw.service.get, who, sandbox_id)).entry.state is State.PAUSED
     handed = await _run(gw.service.connect, who, sandbox_id, timeout)
+    gw.directory.forget(sandbox_id)
     status = 201 if was_paused else 200
     return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=status)
 
@@ -304,12 +312,14 @@ async def relay(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     target = target_of(request, gw.settings.sandbox_domain)
     assert target is not None
-    handed = await _run(gw.service.store.get_sandbox, target.sandbox_id)
+    handed = gw.directory.get(target.sandbox_id)
     if handed is None:
+        await gw.proxy.forget(target.sandbox_id)
         return not_found(target.sandbox_id)
     if needs_token(target, request.url.path, request.url.query) and not token_ok(handed, request):
         return error(401, "missing or wrong X-Access-Token for this sandbox")
     if handed.entry.state is not State.IN_USE:
+        gw.directory.forget(target.sandbox_id)
         resumed = await _run(gw.service.auto_resume, target.sandbox_id)
         if not resumed:
             return error(
@@ -319,6 +329,7 @@ async def relay(request: Request) -> Response:
     try:
         return await gw.proxy.relay(request, handed, target.port)
     except SandboxUnreachable as exc:
+        gw.directory.forget(target.sandbox_id)
         alive = await _run(_entry_alive, gw, handed)
         if not alive:
             return not_found(target.sandbox_id)
@@ -355,11 +366,22 @@ class GatewayApp:
     @asynccontextmanager
     async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
         self.gateway.keeper.start()
+        pruner = asyncio.create_task(self._prune_connections())
         try:
             yield
         finally:
+            pruner.cancel()
             await anyio.to_thread.run_sync(self.gateway.keeper.stop)
             await self.gateway.proxy.aclose()
+
+    async def _prune_connections(self) -> None:
+        """Close connection pools of sandboxes that ended without passing through this
+        process (timeouts, deaths found by reconcile, another gateway's kill)."""
+        gw = self.gateway
+        while True:
+            await asyncio.sleep(10)
+            live = {h.sandbox.id for h in await _run(gw.service.store.list_sandboxes)}
+            await gw.proxy.prune(live.__contains__)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -379,4 +401,7 @@ def build_gateway(settings: Settings, controller: PoolController) -> GatewayApp:
     keeper = PoolKeeper(controller, settings.pool_target_map())
     catalog = TemplateCatalog(controller.store)
     service = SandboxService(settings, controller, keeper, catalog)
-    return GatewayApp(Gateway(settings, controller, keys, keeper, service, SandboxProxy()))
+    directory = SandboxDirectory(controller.store.get_sandbox)
+    return GatewayApp(
+        Gateway(settings, controller, keys, keeper, service, SandboxProxy(), directory)
+    )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -84,16 +85,45 @@ def token_ok(handed: HandedOut, request: Request) -> bool:
 
 
 class SandboxProxy:
+    """Relays requests into sandboxes over kept-alive connections, one pool per sandbox.
+
+    Pools are per sandbox, not per address, because addresses are reused: a connection kept
+    alive to a killed sandbox's IP would otherwise be handed to its successor and fail.
+    """
+
     def __init__(self) -> None:
-        # No read timeout: a command may stream for hours; the SDK enforces its own deadlines.
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=200),
-            follow_redirects=False,
-        )
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    def client(self, sandbox_id: str) -> httpx.AsyncClient:
+        client = self._clients.get(sandbox_id)
+        if client is None:
+            # Plain HTTP on our own bridge: no TLS context (loading CAs costs ~50 ms), no
+            # proxies from the environment. No read timeout: a command may stream for hours;
+            # the SDK enforces its own deadlines.
+            client = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(
+                    verify=False,
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+                ),
+                timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=10.0),
+                follow_redirects=False,
+                trust_env=False,
+            )
+            self._clients[sandbox_id] = client
+        return client
+
+    async def forget(self, sandbox_id: str) -> None:
+        client = self._clients.pop(sandbox_id, None)
+        if client is not None:
+            await client.aclose()
+
+    async def prune(self, live: Callable[[str], bool]) -> None:
+        for sandbox_id in [i for i in self._clients if not live(i)]:
+            await self.forget(sandbox_id)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for sandbox_id in list(self._clients):
+            await self.forget(sandbox_id)
 
     async def relay(self, request: Request, handed: HandedOut, port: int) -> Response:
         if not 0 < port < 65536:
@@ -116,11 +146,10 @@ class SandboxProxy:
             body = await request.body()  # small: one write, and the agent sees its length
         else:
             body = request.stream()
-        upstream_request = self.client.build_request(
-            request.method, url, headers=headers, content=body
-        )
+        client = self.client(handed.sandbox.id)
+        upstream_request = client.build_request(request.method, url, headers=headers, content=body)
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
+            upstream = await client.send(upstream_request, stream=True)
         except httpx.ConnectError:
             raise SandboxUnreachable(handed.sandbox.id, port) from None
         except httpx.TransportError as exc:
@@ -148,6 +177,38 @@ async def _relay_body(upstream: httpx.Response) -> AsyncIterator[bytes]:
         return
     except anyio.get_cancelled_exc_class():
         raise
+
+
+class SandboxDirectory:
+    """Where each sandbox is, for the relay: a read-through cache over the store.
+
+    Every in-sandbox request needs its sandbox's address and token. Reading them from SQLite
+    each time is cheap but not free; entries are kept for `ttl_s` and dropped at once when
+    this process kills, pauses or resumes the sandbox. A sandbox that died meanwhile is
+    caught when the connection to it fails, so staleness costs nothing but that check.
+    """
+
+    def __init__(self, lookup: Callable[[str], HandedOut | None], ttl_s: float = 2.0) -> None:
+        self._lookup = lookup
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, HandedOut]] = {}
+
+    def get(self, sandbox_id: str) -> HandedOut | None:
+        now = time.monotonic()
+        hit = self._cache.get(sandbox_id)
+        if hit is not None and now - hit[0] < self._ttl_s:
+            return hit[1]
+        found = self._lookup(sandbox_id)
+        if found is None:
+            self._cache.pop(sandbox_id, None)
+        else:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[sandbox_id] = (now, found)
+        return found
+
+    def forget(self, sandbox_id: str) -> None:
+        self._cache.pop(sandbox_id, None)
 
 
 class SandboxUnreachable(Exception):
