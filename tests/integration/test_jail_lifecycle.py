@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from pathlib import Path
 
@@ -123,6 +124,22 @@ def test_jail_isolation(pool: PoolController) -> None:
     status = Path(f"/proc/{pid}/status").read_text()
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
     assert uid_line.split()[1] == str(pool.settings.jail_uid_base)
+
+
+def test_sandboxes_cannot_open_connections_to_the_host(pool: PoolController) -> None:
+    gateway = str(pool.settings.jail_network.gateway)
+    with socket.create_server((gateway, 0)) as listener:
+        port = listener.getsockname()[1]
+        pool.warm("python", 1)
+        e = pool.checkout("python")
+        probe = (
+            "import socket\n"
+            "try:\n"
+            f"    socket.create_connection(('{gateway}', {port}), timeout=1); print('reached')\n"
+            "except OSError as e: print('blocked', e)\n"
+        )
+        out = _ssh(pool, e.ip, f'python3 -c "{probe}"')  # host -> sandbox still works
+    assert out.startswith("blocked"), out
 
 
 def test_cgroup_limits_hold(pool: PoolController) -> None:

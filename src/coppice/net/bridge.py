@@ -3,7 +3,8 @@
 Entries hang off the bridge as *isolated* ports, which the bridge forwards only to and from
 non-isolated ports (the host itself), so two sandboxes never exchange a frame. Forwarding is
 switched off for packets arriving on the bridge, so the host does not route between sandboxes
-(or anywhere else) either: a sandbox can talk to the host and nothing more.
+(or anywhere else) either, and the host guard (host_guard.py) drops every connection a
+sandbox opens towards the host: sandboxes only answer, they never call out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from coppice.config import NetworkSettings
 from coppice.errors import SubstrateError
+from coppice.net.host_guard import HostGuard
 
 
 class HostBridge:
@@ -55,12 +57,14 @@ class HostBridge:
             raise SubstrateError(f"cannot set up bridge {self.name}: {exc}") from exc
         _sysctl(f"net/ipv4/conf/{self.name}/forwarding", "0")
         _sysctl(f"net/ipv6/conf/{self.name}/disable_ipv6", "1")
+        HostGuard(self.name).ensure()
 
     def remove(self) -> None:
         with IPRoute() as ipr:
             idx = self.index(ipr)
             if idx is not None:
                 ipr.link("del", index=idx)
+        HostGuard(self.name).remove()
 
     def port_names(self) -> set[str]:
         """Names of the interfaces enslaved to this bridge."""
