@@ -12,10 +12,11 @@ import click
 
 from coppice.cli.render import RichProgress, entries_table, err, out
 from coppice.config import Settings
-from coppice.errors import CoppiceError, PrerequisiteMissing
+from coppice.errors import CoppiceError, InvalidRequest, PrerequisiteMissing
 from coppice.gateway.runner import GatewayRunner
 from coppice.images.builder import TemplateBuilder
 from coppice.images.keys import PoolKey
+from coppice.images.recipes import RECIPES
 from coppice.pool.controller import PoolController, ReconcileReport
 from coppice.progress import Progress
 from coppice.smoke import SmokeRig
@@ -229,11 +230,19 @@ def ssh(entry_id: str, command: tuple[str, ...]) -> None:
 
 
 @cli.command("smoke")
-@click.option("--template", "template_name", default="python", show_default=True)
+@click.option(
+    "--template", "template_name", default=None, help="Default: the substrate's python template."
+)
+@click.option("--substrate", type=click.Choice(["jail", "vm"]), default="jail", show_default=True)
 @click.option("--count", default=2, show_default=True)
 @click.option("--keep", is_flag=True, help="Warm the pool again after the gates pass.")
-def smoke(template_name: str, count: int, keep: bool) -> None:
+def smoke(template_name: str | None, substrate: str, count: int, keep: bool) -> None:
     """Drive the full lifecycle against a real pool and gate every step."""
+    if template_name is None:
+        found = next((r.name for r in RECIPES.values() if r.substrate == substrate), None)
+        if found is None:
+            raise InvalidRequest(f"no recipe builds a {substrate} template")
+        template_name = found
     c = _controller()
     c.init_host()
     report = SmokeRig(c, template_name, count).run()

@@ -72,10 +72,12 @@ def entries_table(entries: list[EntryRecord]) -> None:
     now = time.time()
     for e in entries:
         pid = (e.handle or {}).get("pid")
+        # A VM names its accelerator (kvm or tcg): TCG is ~10x slower, worth seeing at once.
+        accel = (e.handle or {}).get("accel")
         table.add_row(
             e.id,
             e.template,
-            e.substrate,
+            f"{e.substrate} ({accel})" if accel else e.substrate,
             e.state.value,
             e.ip,
             str(pid) if pid else "-",

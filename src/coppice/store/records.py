@@ -62,6 +62,7 @@ class EntryRecord:
             "ip": self.ip,
             "hostname": self.hostname,
             "pid": (self.handle or {}).get("pid"),
+            "accel": (self.handle or {}).get("accel"),
             "created_at": self.created_at,
             "ready_at": self.ready_at,
             "checked_out_at": self.checked_out_at,
