@@ -19,7 +19,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -33,23 +32,9 @@ import httpx
 from coppice.config import Settings
 from coppice.pool.lifecycle import State
 from coppice.store.store import Store
+from latency_stats import percentiles
 
 API_KEY = "bench"
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    return {
-        "p50": pick(0.50),
-        "p95": pick(0.95),
-        "p99": pick(0.99),
-        "mean": statistics.fmean(ordered),
-        "n": len(ordered),
-    }
 
 
 def free_port() -> int:

@@ -27,21 +27,7 @@ from coppice.pool.controller import PoolController
 from coppice.pool.lifecycle import State
 from coppice.substrates.base import AGENT_PORT, SSH_PORT
 from coppice.substrates.readiness import agent_health, ssh_banner
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    return {
-        "p50": pick(0.50),
-        "p95": pick(0.95),
-        "p99": pick(0.99),
-        "mean": statistics.fmean(ordered),
-        "n": len(ordered),
-    }
+from latency_stats import percentiles
 
 
 def timed_checkouts(
