@@ -1,17 +1,18 @@
-"""Builds templates: a debootstrapped Debian root, customised, owned by the jail id range.
+"""Builds templates: a debootstrapped Debian root, customised, then either owned by the jail
+id range (substrate `jail`) or turned into a kernel, initramfs and ext4 disk (substrate `vm`).
 
 Two caches make rebuilds cheap:
   * the template itself is addressed by the hash of everything that goes into it (recipe,
     guest files, pool public key, id base, builder version): an unchanged recipe is a no-op;
   * the debootstrapped base is addressed by (suite, packages) alone, so changing the agent
     or the key re-customises a copy of the base in seconds instead of bootstrapping again.
-Downloaded .deb files live in a host-level cache shared by every state directory.
+Downloaded .deb files and unpacked guest kernels live in a host-level cache shared by every
+state directory.
 """
 
 from __future__ import annotations
 
 import compileall
-import fcntl
 import hashlib
 import json
 import os
@@ -20,18 +21,27 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from coppice.config import Settings
 from coppice.errors import Conflict, PrerequisiteMissing, TemplateBuildError
+from coppice.images.disk_image import tree_usage
+from coppice.images.file_lock import locked
 from coppice.images.idshift import shift_ownership
+from coppice.images.kernel import cached_kernel, current_kernel_release, require_apt_tools
 from coppice.images.keys import PoolKey
 from coppice.images.mirror import debian_mirror
 from coppice.images.recipes import Recipe, recipe
+from coppice.images.vm_image import (
+    INITRAMFS_MODULES,
+    ROOT_DISK,
+    VM_IMAGE_VERSION,
+    build_vm_image,
+    static_busybox,
+)
 from coppice.progress import Progress, SilentProgress
 from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
@@ -40,9 +50,26 @@ BUILDER_VERSION = "2"
 #: where the agent and its locked dependencies live inside a template; only the agent's own
 #: interpreter puts it on sys.path, so sandboxed code never imports from it by accident
 AGENT_SITE = "usr/lib/coppice/site"
+#: tools a vm template build runs, besides apt's (the QEMU ones are checked so that a
+#: template is never built on a host that cannot boot it)
+VM_TOOLS = ("qemu-system-x86_64", "qemu-img", "mkfs.ext4")
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    """A file of the `coppice.guest` package that goes into templates of some substrates."""
+
+    #: where it goes in the root filesystem; None: the builder uses it to make something else
+    dest: str | None
+    mode: int
+    substrates: tuple[str, ...]
+
+
 GUEST_FILES = {
-    "init.sh": ("usr/lib/coppice/init", 0o755),
-    "agent.py": ("usr/lib/coppice/agent.py", 0o644),
+    "init.sh": GuestFile("usr/lib/coppice/init", 0o755, ("jail",)),
+    "agent.py": GuestFile("usr/lib/coppice/agent.py", 0o644, ("jail", "vm")),
+    "vm-init.sh": GuestFile("usr/lib/coppice/vm-init", 0o755, ("vm",)),
+    "initramfs-init.sh": GuestFile(None, 0o755, ("vm",)),
 }
 SSHD_CONFIG = """\
 # Written by the Coppice template builder.
@@ -80,24 +107,33 @@ def _agent_files() -> list[tuple[str, bytes]]:
     return sorted(found)
 
 
-def recipe_hash(r: Recipe, pool_public_key: str, uid_base: int, sshd_config: str) -> str:
+def guest_files(substrate: str) -> list[str]:
+    return sorted(name for name, f in GUEST_FILES.items() if substrate in f.substrates)
+
+
+def recipe_hash(
+    r: Recipe,
+    pool_public_key: str,
+    uid_base: int,
+    sshd_config: str,
+    vm_inputs: dict[str, object] | None = None,
+) -> str:
+    """`vm_inputs`: what else goes into a vm template (kernel, initramfs contents)."""
+    inputs: dict[str, object] = {
+        "builder": BUILDER_VERSION,
+        "name": r.name,
+        "substrate": r.substrate,
+        "suite": r.suite,
+        "packages": list(r.packages),
+        "key": pool_public_key,
+        "uid_base": uid_base,
+        "sshd": sshd_config,
+    }
+    if vm_inputs is not None:
+        inputs["vm"] = vm_inputs
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {
-                "builder": BUILDER_VERSION,
-                "name": r.name,
-                "substrate": r.substrate,
-                "suite": r.suite,
-                "packages": list(r.packages),
-                "key": pool_public_key,
-                "uid_base": uid_base,
-                "sshd": sshd_config,
-            },
-            sort_keys=True,
-        ).encode()
-    )
-    for name in sorted(GUEST_FILES):
+    h.update(json.dumps(inputs, sort_keys=True).encode())
+    for name in guest_files(r.substrate):
         h.update(name.encode() + b"\0" + _guest_file(name))
     for rel, data in _agent_files():
         h.update(rel.encode() + b"\0" + data)
@@ -111,27 +147,21 @@ def base_hash(r: Recipe) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _vm_inputs(kernel_release: str) -> dict[str, object]:
+    """What a vm template is made of besides the root filesystem. The kernel release is
+    part of it, so a new Debian kernel (after `apt-get update`) makes a new template."""
+    return {
+        "image": VM_IMAGE_VERSION,
+        "kernel": kernel_release,
+        "modules": list(INITRAMFS_MODULES),
+        "busybox": hashlib.sha256(static_busybox()).hexdigest(),
+    }
 
 
-def _du(path: Path) -> int:
-    total = 0
-    seen: set[int] = set()
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if st.st_ino not in seen:
-                seen.add(st.st_ino)
-                total += st.st_blocks * 512
-    return total
+def _is_built(final: Path, substrate: str) -> bool:
+    if substrate == "vm":
+        return (final / "vm" / ROOT_DISK).is_file()
+    return (final / "rootfs").is_dir()
 
 
 def _openssh_version(rootfs: Path) -> tuple[int, int]:
@@ -153,12 +183,16 @@ class TemplateBuilder:
     def build(self, name: str, force: bool = False) -> tuple[TemplateRecord, bool]:
         """Build (or find cached) template `name`; returns it and whether it was built now."""
         r = recipe(name)
-        self._check_prerequisites()
+        self._check_prerequisites(r)
         key = PoolKey.at(self.settings.keys_dir).ensure()
-        digest = recipe_hash(r, key.public_openssh, self.settings.jail_uid_base, SSHD_CONFIG)
+        kernel_release = current_kernel_release() if r.substrate == "vm" else None
+        vm_inputs = _vm_inputs(kernel_release) if kernel_release is not None else None
+        digest = recipe_hash(
+            r, key.public_openssh, self.settings.jail_uid_base, SSHD_CONFIG, vm_inputs
+        )
         final = self.settings.templates_dir / name / digest
-        with _locked(self.settings.templates_dir / f".{name}.lock"):
-            if not force and (final / "rootfs").is_dir():
+        with locked(self.settings.templates_dir / f".{name}.lock"):
+            if not force and _is_built(final, r.substrate):
                 try:
                     existing = self.store.get_template(name)
                 except Exception:
@@ -180,11 +214,15 @@ class TemplateBuilder:
                 )
                 self.progress.stage("customising (sshd, pool key, agent, user)")
                 self._customise(work / "rootfs", r, key, digest)
-                self.progress.stage(
-                    f"shifting owners into the jail id range (+{self.settings.jail_uid_base})"
-                )
-                shift_ownership(work / "rootfs", self.settings.jail_uid_base)
-                size = _du(work / "rootfs")
+                if kernel_release is not None:
+                    artefacts = self._make_vm_image(work, kernel_release)
+                else:
+                    self.progress.stage(
+                        f"shifting owners into the jail id range (+{self.settings.jail_uid_base})"
+                    )
+                    shift_ownership(work / "rootfs", self.settings.jail_uid_base)
+                    artefacts = work / "rootfs"
+                size = tree_usage(artefacts).bytes
                 if final.exists():
                     shutil.rmtree(final)
                 work.rename(final)
@@ -195,7 +233,7 @@ class TemplateBuilder:
                 name=name,
                 substrate=r.substrate,
                 recipe_hash=digest,
-                rootfs=str(final / "rootfs"),
+                rootfs=str(final / artefacts.name),
                 built_at=time.time(),
                 build_seconds=time.monotonic() - started,
                 size_bytes=size,
@@ -212,7 +250,7 @@ class TemplateBuilder:
                 f"template {name} still has {len(live)} pool entries; "
                 f"run `coppice pool drain {name}` first"
             )
-        with _locked(self.settings.templates_dir / f".{name}.lock"):
+        with locked(self.settings.templates_dir / f".{name}.lock"):
             self.store.delete_template(name)
             shutil.rmtree(self.settings.templates_dir / name, ignore_errors=True)
             (self.settings.templates_dir / f".{name}.lock").unlink(missing_ok=True)
@@ -225,16 +263,35 @@ class TemplateBuilder:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def _check_prerequisites(self) -> None:
+    def _check_prerequisites(self, r: Recipe) -> None:
         if os.geteuid() != 0:
             raise PrerequisiteMissing("building templates needs root (debootstrap, chroot)")
         if shutil.which("debootstrap") is None:
             raise PrerequisiteMissing("debootstrap is not installed; run scripts/setup")
+        if r.substrate == "vm":
+            for tool in VM_TOOLS:
+                if shutil.which(tool) is None:
+                    raise PrerequisiteMissing(
+                        f"{tool} is not installed (vm templates need QEMU and e2fsprogs); "
+                        "run scripts/setup"
+                    )
+            static_busybox()
+            require_apt_tools()
+
+    def _make_vm_image(self, work: Path, kernel_release: str) -> Path:
+        """Kernel, initramfs and ext4 disk in `work/vm`; the root tree is only their source."""
+        kernel = cached_kernel(self.settings.cache_dir / "kernels", kernel_release, self.progress)
+        out = work / "vm"
+        build_vm_image(
+            work / "rootfs", out, kernel, _guest_file("initramfs-init.sh"), self.progress
+        )
+        shutil.rmtree(work / "rootfs")
+        return out
 
     def _base_rootfs(self, r: Recipe) -> Path:
         digest = base_hash(r)
         cache = self.settings.build_cache_dir / f"base-{digest}"
-        with _locked(self.settings.build_cache_dir / f".base-{digest}.lock"):
+        with locked(self.settings.build_cache_dir / f".base-{digest}.lock"):
             if (cache / "rootfs").is_dir():
                 self.progress.note(f"base root filesystem cached ({cache.name[:17]})")
                 return cache / "rootfs"
@@ -341,11 +398,14 @@ class TemplateBuilder:
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
         (ssh_dir / "authorized_keys").write_text(key.public_openssh + "\n")
         (ssh_dir / "authorized_keys").chmod(0o600)
-        for src, (dest, mode) in GUEST_FILES.items():
-            path = root / dest
+        for src in guest_files(r.substrate):
+            guest = GUEST_FILES[src]
+            if guest.dest is None:
+                continue
+            path = root / guest.dest
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(_guest_file(src))
-            path.chmod(mode)
+            path.chmod(guest.mode)
         self._install_agent(root / AGENT_SITE)
         if not (root / "home/user").exists():
             subprocess.run(

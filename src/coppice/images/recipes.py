@@ -46,6 +46,14 @@ RECIPES: dict[str, Recipe] = {
         # E2B's SDKs ask for these by default (e2b and e2b-code-interpreter respectively).
         aliases=("base", "code-interpreter-v1"),
     ),
+    "python-vm": Recipe(
+        name="python-vm",
+        substrate="vm",
+        description="Debian bookworm with Python 3, ipykernel and sshd, as a QEMU microVM",
+        packages=PYTHON_PACKAGES,
+        # Booting under TCG takes seconds: serve only from the warm pool.
+        cold_start=False,
+    ),
 }
 
 
