@@ -7,8 +7,9 @@ python pool at --pool entries, then times:
   create -> first command output    Sandbox.create() + commands.run("echo ok")
   create -> first run_code result   code_interpreter Sandbox.create() + run_code("1+1")
 at concurrency 1 and 10. Each sample's sandbox is killed afterwards (untimed), and every
-round waits until the pool holds enough warm entries again: the numbers are for a warm pool,
-which is what the pool is for (cold starts are measured by bench/pool_bench.py).
+round starts when the pool is full again: the numbers are for a warm pool at rest, which is
+what the pool is for (cold starts are measured by bench/pool_bench.py, and refills running
+during a request cost CPU on a 2-CPU host: see the README).
 """
 
 from __future__ import annotations
@@ -77,16 +78,24 @@ def wait_for_pool(store: Store, template: str, at_least: int, timeout_s: float =
 
 
 def rounds(
-    store: Store, runs: int, concurrency: int, sample: Callable[[], tuple[float, object]]
+    store: Store,
+    runs: int,
+    concurrency: int,
+    pool: int,
+    sample: Callable[[], tuple[float, object]],
 ) -> list[float]:
-    """`runs` samples, `concurrency` at a time started together; sandboxes killed after."""
+    """`runs` samples, `concurrency` at a time started together; sandboxes killed after.
+
+    Each round starts on a full pool: refilling (a Jupyter kernel start per entry) is CPU
+    work that would otherwise share the 2 CPUs with the requests being timed.
+    """
     samples: list[float] = []
     while len(samples) < runs:
-        wait_for_pool(store, "python", concurrency)
-        time.sleep(0.2)  # let the refill's own CPU work settle before timing
+        wait_for_pool(store, "python", pool)
+        time.sleep(0.3)  # the last refilled entry's freeze settles
         barrier = threading.Barrier(concurrency)
-        with ThreadPoolExecutor(concurrency) as pool:
-            futures = [pool.submit(_together, barrier, sample) for _ in range(concurrency)]
+        with ThreadPoolExecutor(concurrency) as workers:
+            futures = [workers.submit(_together, barrier, sample) for _ in range(concurrency)]
             got = [f.result() for f in futures]
         for ms, sbx in got:
             samples.append(ms)
@@ -136,14 +145,14 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     try:
         wait_for_pool(store, "python", args.pool)
-        rounds(store, 3, 1, command_sample)  # warm the SDK's connection pools
+        rounds(store, 3, 1, args.pool, command_sample)  # warm the SDK's connection pools
         for concurrency in (1, 10):
             for name, fn in (
                 ("create -> first command output", command_sample),
                 ("create -> first run_code result", code_sample),
             ):
                 key = f"{name} (concurrency {concurrency})"
-                results[key] = percentiles(rounds(store, args.runs, concurrency, fn))
+                results[key] = percentiles(rounds(store, args.runs, concurrency, args.pool, fn))
                 r = results[key]
                 print(
                     f"{key:<50} p50 {r['p50']:7.2f} ms  p95 {r['p95']:7.2f} ms  "

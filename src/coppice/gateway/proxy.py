@@ -103,7 +103,11 @@ class SandboxProxy:
             client = httpx.AsyncClient(
                 transport=httpx.AsyncHTTPTransport(
                     verify=False,
-                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+                    # The agent keeps idle connections 75 s; dropping ours first means we
+                    # never reuse one it is closing.
+                    limits=httpx.Limits(
+                        max_connections=None, max_keepalive_connections=32, keepalive_expiry=30
+                    ),
                 ),
                 timeout=httpx.Timeout(connect=5.0, read=None, write=60.0, pool=10.0),
                 follow_redirects=False,

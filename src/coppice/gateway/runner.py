@@ -17,6 +17,8 @@ from coppice.gateway.catalog import TemplateCatalog
 from coppice.pool.controller import PoolController
 from coppice.store.store import Store
 
+KEEP_ALIVE_S = 310
+
 
 def _loopback(host: str) -> bool:
     if host == "localhost":
@@ -75,4 +77,8 @@ class GatewayRunner:
             access_log=False,
             log_level="info",
             timeout_graceful_shutdown=5,
+            # Longer than the SDK's own idle expiry (E2B_KEEPALIVE_EXPIRY, 300 s): the client
+            # must be the one to drop an idle connection, or it may reuse one the server is
+            # closing at that instant and see a reset.
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
