@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -77,14 +76,66 @@ def wait_for_pool(store: Store, template: str, at_least: int, timeout_s: float =
     raise SystemExit(f"the {template} pool did not refill to {at_least} in {timeout_s:.0f} s")
 
 
+def client_loop(conn: Connection, env: dict[str, str]) -> None:
+    """One SDK user in a process of its own: the samples of a round then run truly in
+    parallel, as separate clients would, instead of taking turns on one interpreter's GIL."""
+    os.environ.update(env)
+    os.environ.pop("E2B_DEBUG", None)
+    from e2b import Sandbox
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    while True:
+        kind = conn.recv()
+        if kind is None:
+            return
+        t0 = time.perf_counter()
+        if kind == "command":
+            sbx = Sandbox.create()
+            result = sbx.commands.run("echo ok").stdout
+            ok = result == "ok\n"
+        else:
+            sbx = CodeSandbox.create()
+            result = sbx.run_code("1+1").text
+            ok = result == "2"
+        ms = (time.perf_counter() - t0) * 1000
+        conn.send((ms, ok, result))
+        sbx.kill()
+
+
+class Clients:
+    def __init__(self, count: int, env: dict[str, str]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs = []
+        for _ in range(count):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=client_loop, args=(child, env), daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def round(self, kind: str, concurrency: int) -> list[float]:
+        for conn in self.conns[:concurrency]:
+            conn.send(kind)
+        samples = []
+        for conn in self.conns[:concurrency]:
+            ms, ok, result = conn.recv()
+            if not ok:
+                raise SystemExit(f"{kind} sample answered {result!r}")
+            samples.append(ms)
+        return samples
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
+
+
 def rounds(
-    store: Store,
-    runs: int,
-    concurrency: int,
-    pool: int,
-    sample: Callable[[], tuple[float, object]],
+    store: Store, clients: Clients, kind: str, runs: int, concurrency: int, pool: int
 ) -> list[float]:
-    """`runs` samples, `concurrency` at a time started together; sandboxes killed after.
+    """`runs` samples, `concurrency` clients at a time; sandboxes killed after (untimed).
 
     Each round starts on a full pool: refilling (a Jupyter kernel start per entry) is CPU
     work that would otherwise share the 2 CPUs with the requests being timed.
@@ -93,21 +144,8 @@ def rounds(
     while len(samples) < runs:
         wait_for_pool(store, "python", pool)
         time.sleep(0.3)  # the last refilled entry's freeze settles
-        barrier = threading.Barrier(concurrency)
-        with ThreadPoolExecutor(concurrency) as workers:
-            futures = [workers.submit(_together, barrier, sample) for _ in range(concurrency)]
-            got = [f.result() for f in futures]
-        for ms, sbx in got:
-            samples.append(ms)
-            sbx.kill()  # type: ignore[attr-defined]
+        samples += clients.round(kind, concurrency)
     return samples[:runs]
-
-
-def _together(
-    barrier: threading.Barrier, sample: Callable[[], tuple[float, object]]
-) -> tuple[float, object]:
-    barrier.wait()
-    return sample()
 
 
 def main() -> None:
@@ -121,38 +159,21 @@ def main() -> None:
     store = Store(settings.database_path)
     log = Path("/tmp/coppice-gateway-bench.log")
     proc, url = start_gateway(args.pool, log)
-    os.environ.update({"E2B_API_URL": url, "E2B_SANDBOX_URL": url, "E2B_API_KEY": API_KEY})
-    os.environ.pop("E2B_DEBUG", None)
-    from e2b import Sandbox
-    from e2b_code_interpreter import Sandbox as CodeSandbox
-
-    def command_sample() -> tuple[float, object]:
-        t0 = time.perf_counter()
-        sbx = Sandbox.create()
-        out = sbx.commands.run("echo ok").stdout
-        ms = (time.perf_counter() - t0) * 1000
-        assert out == "ok\n", out
-        return ms, sbx
-
-    def code_sample() -> tuple[float, object]:
-        t0 = time.perf_counter()
-        sbx = CodeSandbox.create()
-        text = sbx.run_code("1+1").text
-        ms = (time.perf_counter() - t0) * 1000
-        assert text == "2", text
-        return ms, sbx
-
+    env = {"E2B_API_URL": url, "E2B_SANDBOX_URL": url, "E2B_API_KEY": API_KEY}
+    clients = Clients(10, env)
     results: dict[str, dict[str, float]] = {}
     try:
         wait_for_pool(store, "python", args.pool)
-        rounds(store, 3, 1, args.pool, command_sample)  # warm the SDK's connection pools
+        for kind in ("command", "code"):  # imports and connection pools of every client
+            rounds(store, clients, kind, 10, 10, args.pool)
         for concurrency in (1, 10):
-            for name, fn in (
-                ("create -> first command output", command_sample),
-                ("create -> first run_code result", code_sample),
+            for name, kind in (
+                ("create -> first command output", "command"),
+                ("create -> first run_code result", "code"),
             ):
                 key = f"{name} (concurrency {concurrency})"
-                results[key] = percentiles(rounds(store, args.runs, concurrency, args.pool, fn))
+                samples = rounds(store, clients, kind, args.runs, concurrency, args.pool)
+                results[key] = percentiles(samples)
                 r = results[key]
                 print(
                     f"{key:<50} p50 {r['p50']:7.2f} ms  p95 {r['p95']:7.2f} ms  "
@@ -160,6 +181,7 @@ def main() -> None:
                     flush=True,
                 )
     finally:
+        clients.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     print(f"host: {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}")
