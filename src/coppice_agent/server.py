@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from coppice_agent import identity
 from coppice_agent.envd import build_envd_app
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.interpreter import Interpreter, build_interpreter_app
@@ -79,8 +80,13 @@ async def serve(
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=2,
+        # Longer than the gateway's 30 s idle expiry: the client side closes idle
+        # connections first, so it never reuses one this side is closing.
+        timeout_keep_alive=75,
     )
     server = uvicorn.Server(config)
+    # A VM clone's own address, clock and keys arrive over virtio-serial (no-op in a jail).
+    identity.start()
     warm = asyncio.create_task(interpreter.start())
     warm.add_done_callback(_report_failed_warm)
     try:

@@ -21,6 +21,7 @@ from coppice.images.builder import TemplateBuilder
 from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
+from coppice.substrates.vm import VmSubstrate
 
 from .hostscan import HostSnapshot
 
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.integration
 TEST_NAMESPACE = "coppice-test"
 TEST_BRIDGE = "coppicetest0"
 TEST_SUBNET = "10.79.0.0/24"
+TEST_VM_BRIDGE = "copptestvm0"
+TEST_VM_SUBNET = "10.80.0.0/24"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -56,6 +59,9 @@ def config_file(instance_dir: Path) -> Path:
         f"[jail_network]\n"
         f'bridge = "{TEST_BRIDGE}"\n'
         f'subnet = "{TEST_SUBNET}"\n'
+        f"[vm_network]\n"
+        f'bridge = "{TEST_VM_BRIDGE}"\n'
+        f'subnet = "{TEST_VM_SUBNET}"\n'
     )
     return path
 
@@ -112,3 +118,23 @@ def run_cli(
     return subprocess.run(
         [exe, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+@pytest.fixture(scope="session")
+def vm_template(controller: PoolController) -> Iterator[TemplateRecord]:
+    """The python-vm template; its golden snapshot (RAM in /dev/shm) goes with the session."""
+    record, _built = TemplateBuilder(controller.settings, controller.store).build("python-vm")
+    yield record
+    controller.drain(record.name)
+    vm = controller.substrates.get("vm")
+    if isinstance(vm, VmSubstrate):
+        vm.remove_golden(record.name)
+
+
+@pytest.fixture()
+def vm_pool(controller: PoolController, vm_template: TemplateRecord) -> Iterator[PoolController]:
+    """The controller with an empty python-vm pool before and after the test."""
+    controller.drain(vm_template.name)
+    yield controller
+    controller.drain(vm_template.name)
+    controller.reconcile()

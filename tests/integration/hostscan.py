@@ -27,7 +27,7 @@ class HostSnapshot:
             for line in subprocess.run(
                 ["ip", "-o", "link"], capture_output=True, text=True, check=True
             ).stdout.splitlines()
-            if line.split(": ")[1].startswith(("copp", "veth"))
+            if line.split(": ")[1].startswith(("copp", "veth", "ctap", "cgold"))
         )
         netns_dir = Path("/run/netns")
         netns = (

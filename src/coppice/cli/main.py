@@ -21,6 +21,7 @@ from coppice.pool.controller import PoolController, ReconcileReport
 from coppice.progress import Progress
 from coppice.smoke import SmokeRig
 from coppice.store.store import Store
+from coppice.substrates.vm import VmSubstrate
 
 
 def _settings() -> Settings:
@@ -113,7 +114,12 @@ def template_list(as_json: bool) -> None:
 def template_rm(name: str) -> None:
     """Remove template NAME and its files (its pool must be drained)."""
     settings = _settings()
-    TemplateBuilder(settings, Store(settings.database_path)).remove(name)
+    store = Store(settings.database_path)
+    substrate = store.get_template(name).substrate
+    TemplateBuilder(settings, store).remove(name)
+    if substrate == "vm":
+        # The golden snapshot (its RAM file lives in /dev/shm) goes with the template.
+        VmSubstrate(settings).remove_golden(name)
     out.print(f"removed template {name}")
 
 

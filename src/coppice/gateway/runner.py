@@ -69,6 +69,8 @@ class GatewayRunner:
 
     def run(self, controller: PoolController) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        # One line per relayed request is noise (and time) on the hot path.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         app = build_gateway(self.settings, controller)
         uvicorn.run(
             app,

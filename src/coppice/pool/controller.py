@@ -56,8 +56,9 @@ class ReconcileReport:
 
 def default_substrates(settings: Settings) -> dict[str, Substrate]:
     from coppice.substrates.jail import JailSubstrate
+    from coppice.substrates.vm import VmSubstrate
 
-    return {"jail": JailSubstrate(settings)}
+    return {"jail": JailSubstrate(settings), "vm": VmSubstrate(settings)}
 
 
 class PoolController:

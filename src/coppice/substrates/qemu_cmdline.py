@@ -1,0 +1,180 @@
+"""QEMU command lines for the `vm` substrate: pure functions of what one VM needs.
+
+The golden VM and its clones run the *same* machine (devices, order, memory size): a clone is
+an incoming migration of the golden's saved device state, and QEMU only accepts a stream that
+matches its own device layout. What differs is per-VM plumbing (tap, sockets, console file),
+whether guest RAM is the shared golden file (`share=on`, the golden writes it) or a private
+copy-on-write mapping of it (`share=off`, a clone), and `-incoming defer` on clones. Clones get
+no kernel, initrd or command line: nothing boots in them (firmware does not run again after an
+incoming migration), and QEMU need not read a 66 MB kernel for every clone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+IDENTITY_PORT = "coppice.identity"
+# From substrates.md R3, which shave about a second off a TCG boot: microvm has no i8042
+# worth probing, one UART is enough, and TCG's TSC is reliable. Two of R3's are left out on
+# purpose: with `no_timer_check` half of the boots hung for good waiting for the first timer
+# tick (jiffies stuck at its initial value), and without `quiet` the console shows how far a
+# boot got, which is what tells a hung boot from a slow one.
+TUNED_KERNEL_ARGS = (
+    "console=ttyS0",
+    "panic=-1",
+    "root=/dev/vda",
+    "ro",
+    "mitigations=off",
+    "tsc=reliable",
+    "random.trust_cpu=on",
+    "8250.nr_uarts=1",
+    "i8042.noaux",
+    "i8042.nomux",
+    "i8042.nopnp",
+    "i8042.dumbkbd",
+)
+
+
+@dataclass(frozen=True)
+class GuestIdentity:
+    """What the guest's init reads from the kernel command line at boot."""
+
+    ip_cidr: str
+    gateway: str
+    hostname: str
+    disk_mb: int
+    entry_id: str
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    accel: str
+    memory_mb: int
+    kernel: Path
+    initrd: Path
+    overlay: Path
+    tap: str
+    mac: str
+    ram_file: Path
+    #: True for the golden VM (writes the RAM file), False for clones (private mapping)
+    share_ram: bool
+    console_log: Path
+    qmp_socket: Path
+    identity_socket: Path
+    guest: GuestIdentity
+    #: clones wait for `migrate-incoming` instead of booting
+    incoming: bool
+    #: TCG translation cache size; None leaves QEMU's default (up to 1 GiB, grown on use)
+    tb_size_mb: int | None = None
+
+
+def kernel_cmdline(guest: GuestIdentity) -> str:
+    return " ".join(
+        (
+            *TUNED_KERNEL_ARGS,
+            f"coppice.ip={guest.ip_cidr}",
+            f"coppice.gw={guest.gateway}",
+            f"coppice.hostname={guest.hostname}",
+            f"coppice.disk_mb={guest.disk_mb}",
+            f"coppice.entry={guest.entry_id}",
+        )
+    )
+
+
+def qemu_argv(spec: MachineSpec, binary: str = "qemu-system-x86_64") -> list[str]:
+    share = "on" if spec.share_ram else "off"
+    accel = spec.accel
+    if spec.tb_size_mb is not None and spec.accel == "tcg":
+        accel += f",tb-size={spec.tb_size_mb}"
+    boot = (
+        []
+        if spec.incoming
+        else [
+            "-kernel",
+            str(spec.kernel),
+            "-initrd",
+            str(spec.initrd),
+            "-append",
+            kernel_cmdline(spec.guest),
+        ]
+    )
+    argv = [
+        binary,
+        "-M",
+        "microvm,x-option-roms=off",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-accel",
+        accel,
+        "-cpu",
+        "max",
+        "-m",
+        str(spec.memory_mb),
+        "-smp",
+        "1",
+        "-object",
+        f"memory-backend-file,id=mem0,size={spec.memory_mb}M,mem-path={spec.ram_file},share={share}",
+        "-machine",
+        "memory-backend=mem0",
+        *boot,
+        "-drive",
+        f"id=d0,file={spec.overlay},if=none,format=qcow2",
+        "-device",
+        "virtio-blk-device,drive=d0",
+        "-netdev",
+        f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
+        "-device",
+        f"virtio-net-device,netdev=n0,mac={spec.mac}",
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        f"socket,id=id0,path={spec.identity_socket},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=id0,name={IDENTITY_PORT}",
+        "-serial",
+        f"file:{spec.console_log}",
+        "-qmp",
+        f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-no-reboot",
+    ]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def overlay_argv(backing: Path, overlay: Path) -> list[str]:
+    """A qcow2 overlay on the raw template disk; the guest mounts it read-only, so clones
+    never write it, but QEMU wants a writable drive for a per-VM block device."""
+    return [
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        str(backing),
+        "-F",
+        "raw",
+        str(overlay),
+    ]
+
+
+def ignore_shared_capability() -> dict[str, object]:
+    """RAM lives in the shared file, so migration must skip it and save devices only."""
+    return {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+
+
+def save_uri(device_state: Path) -> str:
+    return f"exec:cat > {_shell_quote(device_state)}"
+
+
+def load_uri(device_state: Path) -> str:
+    return f"exec:cat {_shell_quote(device_state)}"
+
+
+def _shell_quote(path: Path) -> str:
+    text = str(path)
+    return "'" + text.replace("'", "'\\''") + "'"

@@ -1,0 +1,322 @@
+"""The `vm` substrate: QEMU microVMs, each a copy-on-write clone of a warm golden snapshot.
+
+Per entry, on the host:
+  /run/coppice/vm/<id>/overlay.qcow2   its root disk (empty overlay on the template image;
+                                       the guest mounts it read-only under a tmpfs overlay)
+                      console.log      the guest's serial console
+                      qemu.log         QEMU's own output
+                      qmp.sock         QEMU's monitor (pause = stop, resume = cont)
+                      identity.sock    the virtio-serial port its new identity goes through
+  tap ctap<id>                         an isolated port of the vm bridge (coppbr0)
+  one qemu-system-x86_64 process       RAM: a private mapping of the golden RAM file
+
+spawn restores a clone (`-incoming defer`, then `migrate-incoming` of the golden's device
+state), resumes it and hands it its own address, MAC, hostname, clock, random seed and SSH
+host key; the golden's are inside the snapshot.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from coppice.config import Limits, Settings
+from coppice.errors import PrerequisiteMissing, SubstrateError
+from coppice.images.keys import generate_ed25519
+from coppice.net.ipam import mac_for
+from coppice.net.tap import TapDevices, entry_tap_name
+from coppice.processes import ProcessIdentity
+from coppice.store.records import TemplateRecord
+from coppice.substrates import accel, qemu_process, readiness
+from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec
+from coppice.substrates.golden import (
+    Golden,
+    GoldenSnapshots,
+    VmImage,
+    golden_key,
+    wait_for_migration,
+)
+from coppice.substrates.identity_port import IdentityPort, fresh_seed, identity_message
+from coppice.substrates.qemu_cmdline import (
+    GuestIdentity,
+    MachineSpec,
+    ignore_shared_capability,
+    load_uri,
+    qemu_argv,
+)
+from coppice.substrates.qmp_channel import QmpChannel
+
+REQUIRED_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils"}
+#: how long a restored clone may take to apply its identity (TCG guests are slow)
+IDENTITY_TIMEOUT_S = 30.0
+#: how long wait_ready lets a ready guest finish its background work before it is paused
+SETTLE_TIMEOUT_S = 5.0
+#: TCG translation cache per clone (QEMU flushes it whole when full). A warm clone has
+#: translated ~40 MB by the time it is paused, most of its private memory; at 32 MB the
+#: cache was flushed during warm-up and the first answer after checkout took 40-60 ms
+#: instead of ~9 ms. 64 MB bounds what a busy checked-out clone can grow to.
+TB_SIZE_MB = 64
+
+
+class VmSubstrate:
+    name = "vm"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.taps = TapDevices(settings.vm_network)
+        self.goldens = GoldenSnapshots(settings, self.taps)
+        self._accel: accel.AccelChoice | None = None
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def vm_dir(self) -> Path:
+        return self.settings.run_dir / "vm"
+
+    def entry_dir(self, entry_id: str) -> Path:
+        return self.vm_dir / entry_id
+
+    @property
+    def accel(self) -> str:
+        if self._accel is None:
+            self._accel = accel.choose(self.settings.state_dir)
+        return self._accel.accel
+
+    # -- host --------------------------------------------------------------------------------
+
+    def check_prerequisites(self) -> None:
+        if os.geteuid() != 0:
+            raise PrerequisiteMissing("the vm substrate needs root; run coppice as root")
+        for tool, package in REQUIRED_TOOLS.items():
+            if shutil.which(tool) is None:
+                raise PrerequisiteMissing(
+                    f"{tool} is not installed; run scripts/setup (Debian package {package})"
+                )
+        if not Path("/dev/net/tun").exists():
+            raise PrerequisiteMissing(
+                "/dev/net/tun is missing, so VMs get no network; the host kernel needs TUN"
+            )
+
+    def prepare_host(self) -> None:
+        self.check_prerequisites()
+        self.taps.bridge.ensure()
+        self.vm_dir.mkdir(parents=True, exist_ok=True)
+
+    def teardown_host(self) -> None:
+        self.taps.bridge.remove()
+        for d in (self.vm_dir, self.settings.run_dir):
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+
+    def remove_golden(self, template_name: str) -> None:
+        """Delete a template's golden snapshots (when the template itself is removed)."""
+        self.goldens.remove(template_name)
+
+    def golden(self, template: TemplateRecord, limits: Limits) -> Golden:
+        """The template's golden snapshot, booting it if needed (also a way to pre-build it)."""
+        return self.goldens.ensure(template, limits, self.accel)
+
+    # -- one entry ----------------------------------------------------------------------------
+
+    def spawn(self, spec: SpawnSpec) -> Handle:
+        golden = self.golden(spec.template, spec.limits)
+        image = VmImage.of(spec.template)
+        entry_dir = self.entry_dir(spec.entry_id)
+        entry_dir.mkdir(parents=True, exist_ok=False)
+        started = time.monotonic()
+        overlay = entry_dir / "overlay.qcow2"
+        shutil.copyfile(golden.overlay_seed, overlay)
+        tap = entry_tap_name(spec.entry_id)
+        mac = mac_for(spec.ip)
+        self.taps.create(tap)
+        net = self.settings.vm_network
+        machine = MachineSpec(
+            accel=golden.accel,
+            memory_mb=golden.memory_mb,
+            kernel=image.kernel,
+            initrd=image.initrd,
+            overlay=overlay,
+            tap=tap,
+            mac=mac,
+            ram_file=Path(golden.ram_file),
+            share_ram=False,
+            console_log=entry_dir / "console.log",
+            qmp_socket=entry_dir / "qmp.sock",
+            identity_socket=entry_dir / "identity.sock",
+            guest=GuestIdentity(
+                f"{spec.ip}/{net.prefixlen}",
+                str(net.gateway),
+                spec.hostname,
+                spec.limits.disk_mb,
+                spec.entry_id,
+            ),
+            incoming=True,
+            tb_size_mb=TB_SIZE_MB,
+        )
+        proc = qemu_process.launch(qemu_argv(machine), entry_dir / "qemu.log")
+        with self._lock:
+            self._children[spec.entry_id] = proc
+        ident = ProcessIdentity.of(proc.pid)
+        handle: Handle = {
+            "pid": proc.pid,
+            "pid_start": ident.start_time if ident else None,
+            "ip": spec.ip,
+            "mac": mac,
+            "tap": tap,
+            "entry_dir": str(entry_dir),
+            "accel": golden.accel,
+            "golden": golden_key(spec.template),
+        }
+        message = identity_message(
+            ip=spec.ip,
+            prefixlen=net.prefixlen,
+            gateway=str(net.gateway),
+            mac=mac,
+            hostname=spec.hostname,
+            entry_id=spec.entry_id,
+            ssh_host_key=generate_ed25519(f"root@{spec.hostname}").private_openssh,
+            now=0.0,
+            seed=fresh_seed(),
+        )
+        try:
+            restored = self._restore(spec.entry_id, machine, golden, message)
+        except SubstrateError as exc:
+            raise SubstrateError(
+                f"restoring entry {spec.entry_id} failed: {exc}; {self.console_tail(spec.entry_id)}"
+            ) from exc
+        handle["restore_ms"] = round((restored - started) * 1000, 1)
+        handle["identity_ms"] = round((time.monotonic() - restored) * 1000, 1)
+        return handle
+
+    def _restore(
+        self, entry_id: str, machine: MachineSpec, golden: Golden, message: dict[str, Any]
+    ) -> float:
+        """Load the golden state into the waiting QEMU, run it, hand it its identity; returns
+        when the guest has run (monotonic time), before it has applied the identity."""
+        # Connected before the guest runs: see identity_port for why.
+        port = IdentityPort.connect(str(machine.identity_socket))
+        qmp = QmpChannel.connect(self.entry_dir(entry_id) / "qmp.sock", timeout_s=10)
+        try:
+            qmp.execute("migrate-set-capabilities", ignore_shared_capability())
+            qmp.execute("migrate-incoming", {"uri": load_uri(Path(golden.device_state))})
+            wait_for_migration(qmp, timeout_s=60)
+            qmp.execute("cont")
+            restored = time.monotonic()
+            reply = port.request(message | {"time": time.time()}, timeout_s=IDENTITY_TIMEOUT_S)
+        finally:
+            qmp.close()
+            port.close()
+        if not reply.get("ok"):
+            raise SubstrateError(f"the guest refused its identity: {reply.get('error', reply)}")
+        return restored
+
+    def wait_ready(self, spec: SpawnSpec, handle: Handle, timeout_s: float) -> None:
+        readiness.wait_until_answering(
+            spec.entry_id,
+            spec.ip,
+            AGENT_PORT,
+            SSH_PORT,
+            timeout_s,
+            is_alive=lambda: self.is_alive(spec.entry_id, handle),
+            diagnostics=lambda: self.console_tail(spec.entry_id),
+        )
+        qemu_process.wait_until_idle(int(handle["pid"]), timeout_s=SETTLE_TIMEOUT_S)
+
+    def console_tail(self, entry_id: str, lines: int = 5) -> str:
+        parts = []
+        for name in ("console.log", "qemu.log"):
+            try:
+                text = (self.entry_dir(entry_id) / name).read_text(errors="replace").strip()
+            except OSError:
+                continue
+            if text:
+                parts.append(f"{name}: " + " | ".join(text.splitlines()[-lines:]))
+        return "; ".join(parts) or "no console output"
+
+    def pause(self, entry_id: str) -> None:
+        self._execute(entry_id, "stop")
+
+    def resume(self, entry_id: str) -> None:
+        self._execute(entry_id, "cont")
+
+    def _execute(self, entry_id: str, command: str) -> None:
+        # One connection per command, closed at once: QEMU's monitor serves one client at a
+        # time, and any process (the gateway, a CLI beside it, the next gateway) must be able
+        # to pause or resume the entry. It costs about a millisecond of negotiation.
+        channel = QmpChannel.connect(self.entry_dir(entry_id) / "qmp.sock", timeout_s=10)
+        try:
+            channel.execute(command)
+        finally:
+            channel.close()
+
+    def is_alive(self, entry_id: str, handle: Handle | None) -> bool:
+        with self._lock:
+            child = self._children.get(entry_id)
+        if child is not None and child.poll() is not None:
+            return False
+        if not handle or handle.get("pid") is None or handle.get("pid_start") is None:
+            return False
+        return ProcessIdentity(int(handle["pid"]), int(handle["pid_start"])).is_running()
+
+    def destroy(self, entry_id: str, handle: Handle | None) -> None:
+        problems: list[str] = []
+
+        def attempt(what: str, fn: Callable[[], None]) -> None:
+            try:
+                fn()
+            except (OSError, SubstrateError) as exc:
+                problems.append(f"{what}: {exc}")
+
+        entry_dir = self.entry_dir(entry_id)
+        with self._lock:
+            child = self._children.pop(entry_id, None)
+        victims = {
+            pid: ident for pid, (ident, _) in qemu_process.processes_under(entry_dir).items()
+        }
+        if handle and handle.get("pid") is not None and handle.get("pid_start") is not None:
+            recorded = ProcessIdentity(int(handle["pid"]), int(handle["pid_start"]))
+            victims.setdefault(recorded.pid, recorded)
+        if child is not None:
+            own = ProcessIdentity.of(child.pid)
+            if own is not None:
+                victims.setdefault(child.pid, own)
+            else:
+                attempt("reap", lambda: _reap(child))
+        for ident in victims.values():
+            mine = child if child is not None and child.pid == ident.pid else None
+            attempt(
+                f"kill qemu {ident.pid}",
+                functools.partial(qemu_process.kill_and_wait, ident, mine),
+            )
+        attempt("remove tap", lambda: self.taps.remove(entry_tap_name(entry_id)))
+        attempt("remove directory", lambda: _rmtree_if_exists(entry_dir))
+        if problems:
+            raise SubstrateError(f"destroying {entry_id} left work undone: {'; '.join(problems)}")
+
+    def host_objects(self) -> HostObjects:
+        dirs = {p.name for p in self.vm_dir.iterdir()} if self.vm_dir.is_dir() else set()
+        processes = {name for _, name in qemu_process.processes_under(self.vm_dir).values()}
+        return HostObjects(
+            {
+                "processes": processes,
+                "taps": self.taps.entry_ids(),
+                "directories": dirs,
+                "qmp_sockets": {d for d in dirs if (self.entry_dir(d) / "qmp.sock").exists()},
+            }
+        )
+
+
+def _rmtree_if_exists(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def _reap(child: subprocess.Popen[bytes]) -> None:
+    child.wait(timeout=10)

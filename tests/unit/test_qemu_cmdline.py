@@ -1,0 +1,159 @@
+"""QEMU command lines of the golden VM and its clones."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from coppice.substrates.qemu_cmdline import (
+    IDENTITY_PORT,
+    GuestIdentity,
+    MachineSpec,
+    ignore_shared_capability,
+    kernel_cmdline,
+    load_uri,
+    overlay_argv,
+    qemu_argv,
+    save_uri,
+)
+
+GOLDEN = MachineSpec(
+    accel="tcg",
+    memory_mb=512,
+    kernel=Path("/t/vm/vmlinux"),
+    initrd=Path("/t/vm/initrd.img"),
+    overlay=Path("/run/c/vm-golden/k/overlay.qcow2"),
+    tap="cgold1234abcd",
+    mac="02:c0:0a:4d:00:02",
+    ram_file=Path("/dev/shm/coppice-vm-k.ram"),
+    share_ram=True,
+    console_log=Path("/run/c/vm-golden/k/console.log"),
+    qmp_socket=Path("/run/c/vm-golden/k/qmp.sock"),
+    identity_socket=Path("/run/c/vm-golden/k/identity.sock"),
+    guest=GuestIdentity("10.77.0.2/24", "10.77.0.1", "golden", 1024, "golden"),
+    incoming=False,
+)
+CLONE = replace(
+    GOLDEN,
+    overlay=Path("/run/c/vm/abc/overlay.qcow2"),
+    tap="ctapabc",
+    mac="02:c0:0a:4d:00:39",
+    share_ram=False,
+    console_log=Path("/run/c/vm/abc/console.log"),
+    qmp_socket=Path("/run/c/vm/abc/qmp.sock"),
+    identity_socket=Path("/run/c/vm/abc/identity.sock"),
+    guest=GuestIdentity("10.77.0.57/24", "10.77.0.1", "python-vm-1", 1024, "abc"),
+    incoming=True,
+    tb_size_mb=32,
+)
+
+
+def _value(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def _values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_golden_boots_the_kernel_with_its_identity_on_the_command_line() -> None:
+    argv = qemu_argv(GOLDEN)
+    assert argv[0] == "qemu-system-x86_64"
+    assert _value(argv, "-M") == "microvm,x-option-roms=off"
+    assert {"-nodefaults", "-no-user-config", "-no-reboot"} <= set(argv)
+    assert _value(argv, "-accel") == "tcg"
+    assert _value(argv, "-kernel") == "/t/vm/vmlinux"
+    assert _value(argv, "-initrd") == "/t/vm/initrd.img"
+    append = _value(argv, "-append")
+    assert append.startswith("console=ttyS0 panic=-1 root=/dev/vda ro")
+    assert "no_timer_check" not in append.split()  # it made half of the boots hang
+    for param in (
+        "coppice.ip=10.77.0.2/24",
+        "coppice.gw=10.77.0.1",
+        "coppice.hostname=golden",
+        "coppice.disk_mb=1024",
+    ):
+        assert param in append.split()
+    assert "-incoming" not in argv
+
+
+def test_golden_ram_is_the_shared_file_and_clone_ram_a_private_mapping_of_it() -> None:
+    golden, clone = qemu_argv(GOLDEN), qemu_argv(CLONE)
+    assert (
+        _value(golden, "-object")
+        == "memory-backend-file,id=mem0,size=512M,mem-path=/dev/shm/coppice-vm-k.ram,share=on"
+    )
+    assert _value(clone, "-object").endswith("mem-path=/dev/shm/coppice-vm-k.ram,share=off")
+    assert _value(golden, "-machine") == _value(clone, "-machine") == "memory-backend=mem0"
+    assert _value(golden, "-m") == _value(clone, "-m") == "512"
+
+
+def test_clone_waits_for_its_state_and_boots_nothing() -> None:
+    argv = qemu_argv(CLONE)
+    assert _value(argv, "-incoming") == "defer"
+    assert "-kernel" not in argv and "-append" not in argv and "-initrd" not in argv
+    assert _value(argv, "-accel") == "tcg,tb-size=32"
+
+
+def test_clone_devices_match_the_golden_in_kind_and_order() -> None:
+    def devices(argv: list[str]) -> list[str]:
+        return [d.split(",")[0] for d in _values(argv, "-device")]
+
+    assert (
+        devices(qemu_argv(GOLDEN))
+        == devices(qemu_argv(CLONE))
+        == [
+            "virtio-blk-device",
+            "virtio-net-device",
+            "virtio-serial-device",
+            "virtserialport",
+        ]
+    )
+
+
+def test_per_vm_plumbing() -> None:
+    argv = qemu_argv(CLONE)
+    assert _value(argv, "-drive") == "id=d0,file=/run/c/vm/abc/overlay.qcow2,if=none,format=qcow2"
+    assert _value(argv, "-netdev") == "tap,id=n0,ifname=ctapabc,script=no,downscript=no"
+    assert "virtio-net-device,netdev=n0,mac=02:c0:0a:4d:00:39" in _values(argv, "-device")
+    assert (
+        _value(argv, "-chardev")
+        == "socket,id=id0,path=/run/c/vm/abc/identity.sock,server=on,wait=off"
+    )
+    assert f"virtserialport,chardev=id0,name={IDENTITY_PORT}" in _values(argv, "-device")
+    assert _value(argv, "-serial") == "file:/run/c/vm/abc/console.log"
+    assert _value(argv, "-qmp") == "unix:/run/c/vm/abc/qmp.sock,server=on,wait=off"
+
+
+def test_kvm_takes_no_translation_cache_size() -> None:
+    assert _value(qemu_argv(replace(CLONE, accel="kvm")), "-accel") == "kvm"
+
+
+def test_kernel_cmdline_carries_the_entry() -> None:
+    assert kernel_cmdline(CLONE.guest).endswith(
+        "coppice.ip=10.77.0.57/24 coppice.gw=10.77.0.1 coppice.hostname=python-vm-1 "
+        "coppice.disk_mb=1024 coppice.entry=abc"
+    )
+
+
+def test_overlay_is_qcow2_on_the_raw_template_disk() -> None:
+    assert overlay_argv(Path("/t/vm/rootfs.ext4"), Path("/e/overlay.qcow2")) == [
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "/t/vm/rootfs.ext4",
+        "-F",
+        "raw",
+        "/e/overlay.qcow2",
+    ]
+
+
+def test_migration_uris_quote_paths() -> None:
+    assert save_uri(Path("/s/it's/device.state")) == "exec:cat > '/s/it'\\''s/device.state'"
+    assert load_uri(Path("/s/device.state")) == "exec:cat '/s/device.state'"
+    assert ignore_shared_capability() == {
+        "capabilities": [{"capability": "x-ignore-shared", "state": True}]
+    }
