@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,17 @@ def test_host_reboot_is_survived(pool: PoolController) -> None:
     assert len(entries) == 2 and not ({e.id for e in entries} & before)
     assert all(e.state is State.AVAILABLE for e in entries)
     assert agent_health(pool.checkout("python").ip, AGENT_PORT)
+
+
+def test_reconcile_leaves_this_process_s_own_warms_alone(pool: PoolController) -> None:
+    """A service reconciles while its own threads are warming: those entries are not lost."""
+    with ThreadPoolExecutor(1) as background:
+        warming = background.submit(pool.warm, "python", 3)
+        deadline = time.monotonic() + 30
+        while not any(e.state is State.WARMING for e in pool.list("python")):
+            assert time.monotonic() < deadline, "the warm never started"
+            time.sleep(0.01)
+        report = pool.reconcile()
+        assert not report.replaced and not report.finished_teardowns, report
+        assert not warming.result().failures
+    assert [e.state for e in pool.list("python")] == [State.AVAILABLE] * 3

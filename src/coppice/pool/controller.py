@@ -253,6 +253,14 @@ class PoolController:
         transient = e.state in (State.WARMING, State.RETURNING, State.FAILED)
         return transient and self._owner_alive_elsewhere(e)
 
+    def _owner_running(self, e: EntryRecord) -> bool:
+        """The entry's owner is running: this process (a long-lived service reconciles while
+        its own threads are still warming or tearing entries down) or another one."""
+        if e.owner_pid is None or e.owner_start is None:
+            return False
+        owner = ProcessIdentity(e.owner_pid, e.owner_start)
+        return owner == self.store.owner or owner.is_running()
+
     def _owner_alive_elsewhere(self, e: EntryRecord) -> bool:
         """The entry's owner is a running process other than this one."""
         if e.owner_pid is None or e.owner_start is None:
@@ -306,9 +314,7 @@ class PoolController:
         for e in self.store.list_entries():
             known = self.substrates.get(e.substrate)
             alive = known.is_alive(e.id, e.handle) if known is not None else False
-            observations.append(
-                reconcile_rules.Observation(e, alive, self._owner_alive_elsewhere(e))
-            )
+            observations.append(reconcile_rules.Observation(e, alive, self._owner_running(e)))
         decided = reconcile_rules.plan(observations, host_ids, time.time())
         if decided.dead or decided.orphaned:
             # After a host reboot the bridge and cgroup parents are gone with the entries;
