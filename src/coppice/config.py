@@ -79,6 +79,9 @@ class Settings:
     ready_timeout_s: float = 30.0
     #: how many entries one warm starts at the same time
     spawn_parallelism: int = 8
+    #: the same for VMs: under TCG each restoring clone keeps a CPU busy, so more at once
+    #: than there are CPUs only makes all of them late for their readiness deadline
+    vm_spawn_parallelism: int = 2
     # -- gateway (`coppice serve`) --
     #: pools the service keeps at size: "template=count,template=count"
     pool_targets: str = "python=4"

@@ -137,7 +137,10 @@ class PoolController:
     def _bring_up_all(
         self, template: TemplateRecord, entries: list[EntryRecord], report: WarmReport
     ) -> None:
-        workers = max(1, min(len(entries), self.settings.spawn_parallelism))
+        limit = self.settings.spawn_parallelism
+        if template.substrate == "vm":
+            limit = min(limit, self.settings.vm_spawn_parallelism)
+        workers = max(1, min(len(entries), limit))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warm") as pool:
             futures = [pool.submit(self._bring_up, template, e) for e in entries]
             for fut in futures:
