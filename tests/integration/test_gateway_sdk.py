@@ -241,8 +241,11 @@ def test_a_command_streams_output_for_sixty_seconds(gateway: GatewayProcess) -> 
         )
         assert result.stdout.count("tick") == 60
         assert len(arrivals) >= 55
-        assert arrivals[0][0] < 5.0  # flushed as produced, not at the end
-        assert arrivals[-1][0] > 55.0
+        # Flushed as produced, not at the end: output keeps arriving over the whole minute.
+        # (Not "the first tick within N s": a loaded 2-CPU CI host once stalled the start
+        # for 13 s, which says nothing about buffering.)
+        assert arrivals[-1][0] - arrivals[0][0] > 45.0
+        assert sum(1 for t, _ in arrivals if t < arrivals[-1][0] - 30.0) >= 20
     finally:
         sbx.kill()
 
