@@ -197,7 +197,12 @@ class PoolController:
             hostname_prefix=template.name,
         )
         ready = self._bring_up(template, fresh)
-        entry = self.store.adopt_as_sandbox(ready.id, sandbox).entry
+        try:
+            entry = self.store.adopt_as_sandbox(ready.id, sandbox).entry
+        except IllegalTransition:
+            # Between READY and here it was available to everyone, and another checkout
+            # took it; the pool then holds something this caller may take instead.
+            return self.checkout(template.name, sandbox)
         sub.resume(entry.id)
         return entry
 
