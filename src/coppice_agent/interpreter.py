@@ -31,6 +31,8 @@ from coppice_agent.users import SandboxUser, UnknownUser
 log = logging.getLogger(__name__)
 
 LANGUAGES = ("python",)
+#: tries per kernel start, sharing the start-up timeout
+STARTUP_ATTEMPTS = 2
 
 
 class ContextNotFound(LookupError):
@@ -224,12 +226,21 @@ class Interpreter:
             cwd=cwd,
             env=self._kernel_env(user),
         )
-        return await Kernel.start(
-            launch,
-            runtime_dir=self._runtime_dir,
-            zmq_context=self._zmq,
-            timeout=self._startup_timeout,
-        )
+        # A kernel start on a loaded host has been seen to hang for good (no handshake);
+        # a second, fresh start then succeeds. Two tries fit inside the SDK's 60 s request.
+        for attempt in range(STARTUP_ATTEMPTS):
+            try:
+                return await Kernel.start(
+                    launch,
+                    runtime_dir=self._runtime_dir,
+                    zmq_context=self._zmq,
+                    timeout=self._startup_timeout / STARTUP_ATTEMPTS,
+                )
+            except TimeoutError:
+                if attempt + 1 == STARTUP_ATTEMPTS:
+                    raise
+                log.warning("kernel start timed out; starting a fresh one")
+        raise AssertionError("unreachable")
 
     def _user(self) -> SandboxUser:
         try:
