@@ -21,7 +21,6 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from coppice.pool.lifecycle import State
 from coppice.store.records import HandedOut
 from coppice.substrates.base import AGENT_PORT
 
@@ -222,7 +221,3 @@ class SandboxUnreachable(Exception):
         super().__init__(f"sandbox {sandbox_id}: port {port} is not open")
         self.sandbox_id = sandbox_id
         self.port = port
-
-
-def is_running(handed: HandedOut) -> bool:
-    return handed.entry.state is State.IN_USE

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from coppice.config import Limits
+from coppice.processes import ProcessIdentity
 from coppice.store.records import TemplateRecord
 
 #: where the in-sandbox agent listens (the port E2B's envd uses)
@@ -15,6 +17,16 @@ SSH_PORT = 22
 Handle = dict[str, Any]
 """Plain JSON data stored with the entry: enough for any later process to find and clean up
 the sandbox (pids with their start times, paths, addresses)."""
+
+
+def head_alive(child: subprocess.Popen[bytes] | None, handle: Handle | None) -> bool:
+    """Is a sandbox's head process running? `child` is our own Popen when this process
+    started it (exit seen without a /proc race); `handle` identifies it for any process."""
+    if child is not None and child.poll() is not None:
+        return False
+    if not handle or handle.get("pid") is None or handle.get("pid_start") is None:
+        return False
+    return ProcessIdentity(int(handle["pid"]), int(handle["pid_start"])).is_running()
 
 
 @dataclass(frozen=True)

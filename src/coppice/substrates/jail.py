@@ -30,7 +30,7 @@ from coppice.images.keys import generate_ed25519
 from coppice.net.sandbox_link import SandboxLink
 from coppice.processes import ProcessIdentity
 from coppice.substrates import cgroups, mounts, readiness, seccomp
-from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec
+from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec, head_alive
 
 INIT_PATH = "/usr/lib/coppice/init"
 REQUIRED_TOOLS = {
@@ -324,11 +324,7 @@ class JailSubstrate:
     def is_alive(self, entry_id: str, handle: Handle | None) -> bool:
         with self._children_lock:
             child = self._children.get(entry_id)
-        if child is not None and child.poll() is not None:
-            return False
-        if not handle or handle.get("pid") is None or handle.get("pid_start") is None:
-            return False
-        return ProcessIdentity(int(handle["pid"]), int(handle["pid_start"])).is_running()
+        return head_alive(child, handle)
 
     def destroy(self, entry_id: str, handle: Handle | None) -> None:
         problems: list[str] = []

@@ -35,7 +35,7 @@ from coppice.net.tap import TapDevices, entry_tap_name
 from coppice.processes import ProcessIdentity
 from coppice.store.records import TemplateRecord
 from coppice.substrates import accel, qemu_process, readiness
-from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec
+from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec, head_alive
 from coppice.substrates.golden import (
     Golden,
     GoldenSnapshots,
@@ -259,11 +259,7 @@ class VmSubstrate:
     def is_alive(self, entry_id: str, handle: Handle | None) -> bool:
         with self._lock:
             child = self._children.get(entry_id)
-        if child is not None and child.poll() is not None:
-            return False
-        if not handle or handle.get("pid") is None or handle.get("pid_start") is None:
-            return False
-        return ProcessIdentity(int(handle["pid"]), int(handle["pid_start"])).is_running()
+        return head_alive(child, handle)
 
     def destroy(self, entry_id: str, handle: Handle | None) -> None:
         problems: list[str] = []
