@@ -96,6 +96,15 @@ class PoolController:
         net = self.settings.jail_network if substrate == "jail" else self.settings.vm_network
         return list(net.host_addresses())
 
+    def _reserve(self, template: TemplateRecord, count: int) -> list[EntryRecord]:
+        return self.store.reserve(
+            template.name,
+            template.substrate,
+            count,
+            self._addresses(template.substrate),
+            hostname_prefix=template.name,
+        )
+
     def capacity(self, substrate: str) -> int:
         return len(self._addresses(substrate))
 
@@ -121,13 +130,7 @@ class PoolController:
             raise InvalidRequest(f"--count must be between 1 and {cap}, not {count}")
         sub.prepare_host()
         started = time.monotonic()
-        entries = self.store.reserve(
-            template.name,
-            template.substrate,
-            count,
-            self._addresses(template.substrate),
-            hostname_prefix=template.name,
-        )
+        entries = self._reserve(template, count)
         report = WarmReport(template.name, count)
         self.progress.stage(f"warming {count} x {template.name}", total=count)
         self._bring_up_all(template, entries, report)
@@ -189,13 +192,7 @@ class PoolController:
         """Start one entry now and hand it straight out (the pool had none available)."""
         template = self.store.get_template(template_name)
         sub = self.substrate(template.substrate)
-        (fresh,) = self.store.reserve(
-            template.name,
-            template.substrate,
-            1,
-            self._addresses(template.substrate),
-            hostname_prefix=template.name,
-        )
+        (fresh,) = self._reserve(template, 1)
         ready = self._bring_up(template, fresh)
         try:
             entry = self.store.adopt_as_sandbox(ready.id, sandbox).entry
@@ -301,13 +298,7 @@ class PoolController:
                     template = self.store.get_template(entry.template)
                 except CoppiceError:
                     continue  # its template was removed; nothing to respawn from
-                (fresh,) = self.store.reserve(
-                    template.name,
-                    template.substrate,
-                    1,
-                    self._addresses(template.substrate),
-                    hostname_prefix=template.name,
-                )
+                (fresh,) = self._reserve(template, 1)
                 replacement = self._bring_up(template, fresh)
         return replacement
 
