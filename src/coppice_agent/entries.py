@@ -1,6 +1,6 @@
-"""`EntryInfo` for a path, shaped like envd's: a symlink reports its target's type and
-metadata, flagged with `isSymlink` and the resolved `symlinkTarget` (what newer envd does and
-the SDK maps back to SYMLINK)."""
+"""`EntryInfo` for a path, shaped like envd's: a symlink reports its target's type, size,
+mode and user metadata, flagged with `isSymlink` and the resolved `symlinkTarget` (what newer
+envd does and the SDK maps back to SYMLINK)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
+from coppice_agent.metadata import read_metadata
 from coppice_agent.rpc.filesystem.filesystem_pb import EntryInfo, FileType
 
 
@@ -38,6 +39,7 @@ def entry_info(path: str) -> EntryInfo:
         group=_group_name(info.st_gid),
         modified_time=Timestamp.from_nanos(info.st_mtime_ns),
         symlink_target=target,
+        metadata=read_metadata(path),
         is_symlink=is_symlink,
     )
 

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,6 +34,8 @@ from coppice_agent.rpc.process.process_connect import ProcessASGIApplication
 RPC_READ_MAX_BYTES = 32 * 1024 * 1024
 _CONNECT_PREFIXES = ("/process.Process/", "/filesystem.Filesystem/")
 _OPEN_PATHS = frozenset({"/health"})
+
+log = logging.getLogger("coppice_agent.envd")
 
 
 def build_envd_app(
@@ -70,6 +73,12 @@ def build_envd_app(
         except (ValueError, TypeError) as exc:
             return error_response(400, f"invalid init request: {exc}")
         await env.init(**kwargs)
+        # Names only: values may be secrets, and these lines are served as the sandbox's logs.
+        log.info(
+            "sandbox handed out: default user %s, env vars %s",
+            kwargs.get("default_user") or env.default_user,
+            sorted(kwargs.get("env_vars") or {}),
+        )
         return Response(status_code=204)
 
     # Mount keeps the full path in scope["path"] (it only extends root_path), which is what

@@ -2,7 +2,8 @@
 
 Uploads stream to their destination as they arrive: the multipart parser and the file writes
 run in a worker thread one received chunk at a time, so neither the body nor a temp copy is
-ever held whole. Errors use envd's body shape, `{"code": <int>, "message": "..."}`."""
+ever held whole. Downloads read the file until EOF the same way. Errors use envd's body
+shape, `{"code": <int>, "message": "..."}`."""
 
 from __future__ import annotations
 
@@ -21,13 +22,18 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from coppice_agent.downloads import Download, FileStream, choose_encoding, open_download
 from coppice_agent.environment import SandboxEnvironment
+from coppice_agent.metadata import InvalidMetadata, metadata_from_headers, replace_metadata
+from coppice_agent.metadata import unsupported as xattrs_unsupported
 from coppice_agent.paths import acting_user, ensure_dirs, resolve_path
 from coppice_agent.users import SandboxUser, UnknownUser, user_from_basic_auth
 
 MAX_PARTS = 1000
 T = TypeVar("T")
+Metadata = dict[str, str]
 _MAX_PART_HEADER_BYTES = 16 * 1024
+_NOT_ACCEPTABLE = "no acceptable encoding found, supported: [identity, gzip]"
 
 
 class HTTPFailure(Exception):
@@ -61,38 +67,45 @@ class FilesEndpoints:
             if not raw:
                 raise HTTPFailure(400, "the path query parameter is required")
             path = resolve_path(raw, user)
-            await asyncio.to_thread(_check_readable, path)
+            encoding = choose_encoding(request.headers.get("accept-encoding"))
+            if encoding is None:
+                raise HTTPFailure(406, _NOT_ACCEPTABLE)
+            source = await _disk(_open_readable, path)
         except HTTPFailure as failure:
             return failure.response()
-        return FileResponse(
-            path,
-            media_type="application/octet-stream",
-            filename=Path(path).name,
-            content_disposition_type="attachment",
-        )
+        if "range" in request.headers and source.size is not None and encoding == "identity":
+            # Resumed downloads of ordinary files: starlette's ranges, which stop short (and
+            # so break the connection) rather than pad if the file shrinks meanwhile.
+            source.close()
+            return FileResponse(
+                path,
+                media_type="application/octet-stream",
+                filename=Path(path).name,
+                content_disposition_type="attachment",
+            )
+        return FileStream(source, gzip=encoding == "gzip")
 
     async def upload(self, request: Request) -> Response:
         try:
             user = await self._user(request)
+            metadata = _request_metadata(request)
             query_path = request.query_params.get("path") or None
             content_type, options = parse_options_header(request.headers.get("content-type"))
             if content_type == b"multipart/form-data":
                 boundary = options.get(b"boundary")
                 if not boundary:
                     raise HTTPFailure(400, "multipart body without a boundary")
-                sink: _Sink = _MultipartSink(boundary, user, query_path)
+                sink: _Sink = _MultipartSink(boundary, user, query_path, metadata)
             else:
                 if query_path is None:
                     raise HTTPFailure(400, "the path query parameter is required")
-                sink = _RawSink(resolve_path(query_path, user), user)
+                sink = _RawSink(resolve_path(query_path, user), user, metadata)
             written = await _receive(request, sink)
         except HTTPFailure as failure:
             return failure.response()
         if not written:
             return error_response(400, "the request contained no file")
-        return JSONResponse(
-            [{"name": Path(path).name, "type": "file", "path": path} for path in written]
-        )
+        return JSONResponse([_written_entry(path, metadata) for path in written])
 
     async def _user(self, request: Request) -> SandboxUser:
         name = request.query_params.get("username") or user_from_basic_auth(
@@ -104,14 +117,29 @@ class FilesEndpoints:
             raise HTTPFailure(400, str(exc)) from None
 
 
-def _check_readable(path: str) -> None:
-    target = Path(path)
-    if not target.exists():
-        raise HTTPFailure(404, f"path '{path}' does not exist")
-    if target.is_dir():
-        raise HTTPFailure(400, f"path '{path}' is a directory")
-    if not os.access(path, os.R_OK):
-        raise HTTPFailure(403, f"path '{path}' is not readable")
+def _open_readable(path: str) -> Download:
+    try:
+        return open_download(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise HTTPFailure(404, f"path '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise HTTPFailure(400, f"path '{path}' is a directory") from None
+    except PermissionError:
+        raise HTTPFailure(403, f"path '{path}' is not readable") from None
+
+
+def _request_metadata(request: Request) -> Metadata:
+    try:
+        return metadata_from_headers(request.headers.raw)
+    except InvalidMetadata as exc:
+        raise HTTPFailure(400, str(exc)) from None
+
+
+def _written_entry(path: str, metadata: Metadata) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": Path(path).name, "type": "file", "path": path}
+    if metadata:
+        entry["metadata"] = metadata
+    return entry
 
 
 class _Sink:
@@ -129,9 +157,10 @@ class _Sink:
 
 class _OpenFile:
     """A destination being written: created (with parents) as the acting user, truncated,
-    removed again if the upload fails half way so a full disk is not left fuller."""
+    given the upload's metadata in place of what it had, and removed again if the upload
+    fails half way so a full disk is not left fuller."""
 
-    def __init__(self, path: str, user: SandboxUser) -> None:
+    def __init__(self, path: str, user: SandboxUser, metadata: Metadata) -> None:
         self.path = path
         if Path(path).is_dir():
             raise HTTPFailure(400, f"path '{path}' is a directory")
@@ -139,8 +168,21 @@ class _OpenFile:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         # Only a regular file may be unlinked on failure; never a device someone wrote to.
         self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
-        if not user.is_current:
-            os.fchown(self._fd, user.uid, user.gid)
+        try:
+            if not user.is_current:
+                os.fchown(self._fd, user.uid, user.gid)
+            self._store_metadata(metadata)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _store_metadata(self, metadata: Metadata) -> None:
+        # Before the body: a file whose metadata cannot be stored fails before the client
+        # has sent all of it.
+        try:
+            replace_metadata(self._fd, metadata)
+        except OSError as exc:
+            raise _metadata_failure(exc, self.path) from None
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -161,14 +203,15 @@ class _OpenFile:
 
 
 class _RawSink(_Sink):
-    def __init__(self, path: str, user: SandboxUser) -> None:
+    def __init__(self, path: str, user: SandboxUser, metadata: Metadata) -> None:
         self._path = path
         self._user = user
+        self._metadata = metadata
         self._file: _OpenFile | None = None
 
     def _open(self) -> _OpenFile:
         if self._file is None:
-            self._file = _OpenFile(self._path, self._user)
+            self._file = _OpenFile(self._path, self._user, self._metadata)
         return self._file
 
     def feed(self, chunk: bytes) -> None:
@@ -187,9 +230,12 @@ class _MultipartSink(_Sink):
     """Each `file` part goes to `?path=` when given, else to the part's filename (the SDK
     puts the full sandbox path there)."""
 
-    def __init__(self, boundary: bytes, user: SandboxUser, query_path: str | None) -> None:
+    def __init__(
+        self, boundary: bytes, user: SandboxUser, query_path: str | None, metadata: Metadata
+    ) -> None:
         self._user = user
         self._query_path = query_path
+        self._metadata = metadata
         self._written: list[str] = []
         self._current: _OpenFile | None = None
         self._headers: dict[bytes, bytes] = {}
@@ -261,7 +307,7 @@ class _MultipartSink(_Sink):
         target = self._query_path or filename
         if not target:
             raise HTTPFailure(400, "a file part has no filename and there is no path parameter")
-        self._current = _OpenFile(resolve_path(target, self._user), self._user)
+        self._current = _OpenFile(resolve_path(target, self._user), self._user, self._metadata)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._current is not None:
@@ -314,6 +360,32 @@ async def _disk(func: Callable[..., T], *args: Any) -> T:
         return await asyncio.to_thread(func, *args)
     except OSError as exc:
         raise _failure(exc) from None
+
+
+def _metadata_failure(exc: OSError, path: str) -> HTTPFailure:
+    if xattrs_unsupported(exc):
+        return HTTPFailure(
+            400,
+            f"cannot store metadata on '{path}': its filesystem does not support user "
+            "extended attributes",
+        )
+    # ext4 keeps a file's attributes in one block: some metadata within envd's 4096 bytes
+    # is still too much for it, and it says ENOSPC although the disk has room.
+    too_big = exc.errno in (errno.E2BIG, errno.ERANGE)
+    if too_big or (exc.errno == errno.ENOSPC and _has_free_space(path)):
+        return HTTPFailure(400, f"the metadata does not fit in the extended attributes of '{path}'")
+    if exc.errno == errno.EPERM:
+        # Devices, FIFOs and sockets take no user attributes.
+        return HTTPFailure(400, f"cannot store metadata on '{path}': {exc.strerror}")
+    exc.filename = path
+    return _failure(exc)
+
+
+def _has_free_space(path: str) -> bool:
+    try:
+        return os.statvfs(path).f_bavail > 0
+    except OSError:
+        return False
 
 
 def _failure(exc: OSError) -> HTTPFailure:

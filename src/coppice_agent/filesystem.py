@@ -23,6 +23,7 @@ from protobuf import Oneof
 from coppice_agent.entries import entry_info
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.inotify import Change, DirectoryWatch, FsChange
+from coppice_agent.mounts import MOUNTINFO, network_filesystem_of
 from coppice_agent.paths import acting_user, ensure_dirs, resolve_path
 from coppice_agent.rpc.filesystem.filesystem_connect import Filesystem
 from coppice_agent.rpc.filesystem.filesystem_pb import (
@@ -55,6 +56,7 @@ DEFAULT_KEEPALIVE_INTERVAL = 30.0
 MAX_BUFFERED_EVENTS = 10_000
 
 Ctx: TypeAlias = RequestContext[Any, Any]
+WatchRequest: TypeAlias = WatchDirRequest | CreateWatcherRequest
 T = TypeVar("T")
 
 _EVENT_TYPES = {
@@ -74,9 +76,11 @@ class FilesystemService(Filesystem):
         env: SandboxEnvironment,
         *,
         keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+        mountinfo: str = MOUNTINFO,
     ) -> None:
         self._env = env
         self._keepalive_interval = keepalive_interval
+        self._mountinfo = mountinfo
         self._watchers: dict[str, _BufferedWatcher] = {}
 
     def close(self) -> None:
@@ -139,11 +143,16 @@ class FilesystemService(Filesystem):
         path = await self._path(request.path, ctx)
 
         def remove() -> None:
+            # Like envd's os.RemoveAll: a path that is not there is already removed.
             target = Path(path)
-            if target.is_dir() and not target.is_symlink():
+            if not target.is_dir() or target.is_symlink():
+                target.unlink(missing_ok=True)
+                return
+            # Entries vanishing while the tree is walked are fine too; only what is still
+            # there after the walk is an error, and a second walk reports why.
+            shutil.rmtree(target, ignore_errors=True)
+            if os.path.lexists(target):
                 shutil.rmtree(target)
-            else:
-                target.unlink()
 
         await _on_disk(remove)
         return RemoveResponse()
@@ -153,7 +162,7 @@ class FilesystemService(Filesystem):
     ) -> AsyncIterator[WatchDirResponse]:
         path = await self._path(request.path, ctx)
         queue: asyncio.Queue[FilesystemEvent] = asyncio.Queue()
-        watch = await _open_watch(path, request.recursive, request.include_entry, queue.put_nowait)
+        watch = await self._open_watch(path, request, queue.put_nowait)
         interval = self._keepalive(ctx)
         getter: asyncio.Future[FilesystemEvent] | None = None
         try:
@@ -185,7 +194,7 @@ class FilesystemService(Filesystem):
     ) -> CreateWatcherResponse:
         path = await self._path(request.path, ctx)
         events: deque[FilesystemEvent] = deque(maxlen=MAX_BUFFERED_EVENTS)
-        watch = await _open_watch(path, request.recursive, request.include_entry, events.append)
+        watch = await self._open_watch(path, request, events.append)
         watcher_id = str(uuid.uuid4())
         self._watchers[watcher_id] = _BufferedWatcher(watch, events)
         return CreateWatcherResponse(watcher_id=watcher_id)
@@ -232,42 +241,49 @@ class FilesystemService(Filesystem):
                 interval = min(interval, float(requested))
         return interval
 
+    async def _open_watch(
+        self, path: str, request: WatchRequest, sink: Callable[[FilesystemEvent], None]
+    ) -> DirectoryWatch:
+        include_entry = request.include_entry
 
-class _BufferedWatcher:
-    def __init__(self, watch: DirectoryWatch, events: deque[FilesystemEvent]) -> None:
-        self.watch = watch
-        self.events = events
+        def deliver(change: FsChange) -> None:
+            event = FilesystemEvent(name=change.name, type=_EVENT_TYPES[change.change])
+            if include_entry and change.change is not Change.REMOVE:
+                # On the loop: the entry must describe the path as it was at the event.
+                with contextlib.suppress(OSError):
+                    entry = entry_info(change.path)
+                    event = FilesystemEvent(
+                        name=change.name, type=_EVENT_TYPES[change.change], entry=entry
+                    )
+            sink(event)
 
+        await _on_disk(self._check_watchable, path, request.allow_network_mounts)
+        try:
+            return await DirectoryWatch.open(path, recursive=request.recursive, listener=deliver)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
 
-async def _open_watch(
-    path: str,
-    recursive: bool,
-    include_entry: bool,
-    sink: Callable[[FilesystemEvent], None],
-) -> DirectoryWatch:
-    def deliver(change: FsChange) -> None:
-        event = FilesystemEvent(name=change.name, type=_EVENT_TYPES[change.change])
-        if include_entry and change.change is not Change.REMOVE:
-            # One lstat on the loop: the entry must describe the path as it was at the event.
-            with contextlib.suppress(OSError):
-                entry = entry_info(change.path)
-                event = FilesystemEvent(
-                    name=change.name, type=_EVENT_TYPES[change.change], entry=entry
-                )
-        sink(event)
-
-    def check() -> None:
+    def _check_watchable(self, path: str, allow_network_mounts: bool) -> None:
         target = Path(path)
         if not target.exists():
             raise ConnectError(Code.NOT_FOUND, f"path not found: {path}")
         if not target.is_dir():
             raise ConnectError(Code.INVALID_ARGUMENT, f"path is not a directory: {path}")
+        if allow_network_mounts:
+            return
+        fstype = network_filesystem_of(path, self._mountinfo)
+        if fstype is not None:
+            raise ConnectError(
+                Code.INVALID_ARGUMENT,
+                f"path {path} is on a network filesystem ({fstype}), where changes made "
+                "elsewhere raise no events; set allow_network_mounts to watch it anyway",
+            )
 
-    await _on_disk(check)
-    try:
-        return await DirectoryWatch.open(path, recursive=recursive, listener=deliver)
-    except OSError as exc:
-        raise _os_error(exc, path) from None
+
+class _BufferedWatcher:
+    def __init__(self, watch: DirectoryWatch, events: deque[FilesystemEvent]) -> None:
+        self.watch = watch
+        self.events = events
 
 
 def _walk(directory: str, depth: int, entries: list[EntryInfo]) -> None:

@@ -26,11 +26,17 @@ _RESULT_FIELDS: Mapping[str, str] = {
 
 _BASE64_TYPES = frozenset({"image/png", "image/jpeg", "application/pdf"})
 
+#: Added by the kernel (see kernels.py) next to text/plain when a cell's value is exactly a
+#: `str`: the string itself. Ours alone, so never passed on.
+STR_RESULT_MIME = "application/x-coppice-str"
+
 
 def result_event(bundle: Mapping[str, Any], *, is_main_result: bool) -> Event:
     event: Event = {"type": "result"}
     extra: dict[str, Any] = {}
     for mime, value in bundle.items():
+        if mime == STR_RESULT_MIME:
+            continue
         field = _RESULT_FIELDS.get(mime)
         if field is None:
             extra[mime] = value
@@ -39,6 +45,10 @@ def result_event(bundle: Mapping[str, Any], *, is_main_result: bool) -> Event:
             event[field] = "".join(value.split())
         else:
             event[field] = value
+    plain = bundle.get(STR_RESULT_MIME)
+    if is_main_result and isinstance(plain, str):
+        # What E2B's server gives for a string value: `'a'` comes back as `a`.
+        event["text"] = plain
     if extra:
         event["extra"] = extra
     event["is_main_result"] = is_main_result

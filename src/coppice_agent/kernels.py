@@ -23,7 +23,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
-from coppice_agent.kernel_output import Event, output_event
+from coppice_agent.kernel_output import STR_RESULT_MIME, Event, output_event
 from coppice_agent.users import SandboxUser
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,28 @@ _WARM_UP: tuple[tuple[str, bool], ...] = (
 )
 # The non-silent warm-up left its value in `_` and `Out`; clear them the way %reset out does.
 _WARM_UP_CLEANUP = "get_ipython().displayhook.flush()"
+
+# A cell whose value is a str must answer with the string, not its repr, as E2B's does. Only
+# the kernel knows the value's type, so it adds the string under its own MIME type; text/plain,
+# and the repr of every value holding strings, stay as IPython prints them (a str printer for
+# text/plain would reach into lists and dicts too). Leaves no names behind.
+_STR_RESULT_SETUP = f"""
+def _coppice_str_results():
+    from IPython.core.formatters import BaseFormatter
+
+    class StrResult(BaseFormatter):
+        format_type = {STR_RESULT_MIME!r}
+
+        def __call__(self, obj):
+            # Exactly str: a subclass may have a repr of its own, and keeps it.
+            return obj if type(obj) is str else None
+
+    formatter = get_ipython().display_formatter
+    formatter.formatters[StrResult.format_type] = StrResult(parent=formatter)
+
+_coppice_str_results()
+del _coppice_str_results
+"""
 
 Emit = Callable[[Event], None]
 
@@ -196,6 +218,7 @@ class Kernel:
             )
             kernel = cls(manager, client, launch, directory)
             await asyncio.wait_for(kernel._handshake(), timeout)
+            await asyncio.wait_for(kernel._silent(_STR_RESULT_SETUP), timeout)
             await asyncio.wait_for(kernel._warm_up(), timeout)
         except BaseException:
             if kernel is not None:

@@ -89,10 +89,17 @@ class ManagedProcess:
         self._input_lock = asyncio.Lock()
         self._kill_timer: asyncio.TimerHandle | None = None
         self.ended = asyncio.Event()
+        # Set when the Start deadline killed it: that stream reports the deadline, not an exit.
+        self.timed_out = False
 
-    def kill_after(self, seconds: float) -> None:
+    def kill_at(self, deadline: float) -> None:
+        """SIGKILL the tree at `deadline` (event-loop time) unless it has ended by then."""
         loop = asyncio.get_running_loop()
-        self._kill_timer = loop.call_later(seconds, self.kill_group, signal.SIGKILL)
+        self._kill_timer = loop.call_at(deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self.timed_out = True
+        self.kill_group(signal.SIGKILL)
 
     def watch(self) -> asyncio.Queue[ProcessEvent]:
         queue: asyncio.Queue[ProcessEvent] = asyncio.Queue()
@@ -236,18 +243,21 @@ class ProcessService(Process):
         )
 
     async def start(self, request: StartRequest, ctx: Ctx, /) -> AsyncIterator[StartResponse]:
+        deadline = _deadline(ctx)
         proc, queue = await self._spawn(request, ctx)
-        timeout_ms = ctx.timeout_ms
-        if timeout_ms is not None:
-            # envd ties the process to the Start deadline: commands.run(timeout=…) kills it.
-            proc.kill_after(max(timeout_ms, 0) / 1000)
-        async for event in self._follow(proc, queue, ctx, deadline=False):
+        if deadline is not None:
+            # envd ties the process to the Start deadline: commands.run(timeout=…) kills it,
+            # also once nobody follows this stream any more (a background command).
+            proc.kill_at(deadline)
+        async for event in self._follow(proc, queue, ctx, deadline, started_it=True):
             yield StartResponse(event=event)
 
     async def connect(self, request: ConnectRequest, ctx: Ctx, /) -> AsyncIterator[ConnectResponse]:
+        # A Connect deadline ends only this stream; the process keeps running.
+        deadline = _deadline(ctx)
         proc = self._select(request.process)
         queue = proc.watch()
-        async for event in self._follow(proc, queue, ctx, deadline=True):
+        async for event in self._follow(proc, queue, ctx, deadline, started_it=False):
             yield ConnectResponse(event=event)
 
     async def update(self, request: UpdateRequest, ctx: Ctx, /) -> UpdateResponse:
@@ -362,35 +372,42 @@ class ProcessService(Process):
         proc: ManagedProcess,
         queue: asyncio.Queue[ProcessEvent],
         ctx: Ctx,
+        deadline: float | None,
         *,
-        deadline: bool,
+        started_it: bool,
     ) -> AsyncIterator[ProcessEvent]:
-        """start, then everything `queue` receives (with keepalives in between) up to end."""
+        """start, then everything `queue` receives (with keepalives in between) up to end.
+
+        At `deadline` (event-loop time) the stream ends with Connect's deadline_exceeded and
+        no end event, as envd's does: the SDK raises TimeoutException for that, while an end
+        event would read as the command failing on its own."""
         interval = self._keepalive(ctx)
         loop = asyncio.get_running_loop()
-        timeout_ms = ctx.timeout_ms if deadline else None
-        ends_at = None if timeout_ms is None else loop.time() + timeout_ms / 1000
         getter: asyncio.Future[ProcessEvent] | None = None
         try:
             yield _start_event(proc.pid)
             while True:
                 wait = interval
-                if ends_at is not None:
-                    wait = min(wait, ends_at - loop.time())
+                if deadline is not None:
+                    wait = min(wait, deadline - loop.time())
                     if wait <= 0:
-                        raise ConnectError(Code.DEADLINE_EXCEEDED, "stream deadline exceeded")
+                        raise _deadline_exceeded()
                 if getter is None:
                     getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({getter}, timeout=wait)
                 if not done:
-                    if ends_at is None or loop.time() < ends_at:
+                    if deadline is None or loop.time() < deadline:
                         yield _keepalive_event()
                     continue
                 event = getter.result()
                 getter = None
-                yield event
                 if event.event is not None and event.event.field == "end":
+                    if started_it and proc.timed_out:
+                        # The kill timer beat this loop's own check to the deadline.
+                        raise _deadline_exceeded()
+                    yield event
                     return
+                yield event
         finally:
             if getter is not None:
                 getter.cancel()
@@ -508,6 +525,18 @@ def _take_controlling_terminal() -> None:
 
 def _set_winsize(fd: int, size: PTY.Size) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
+
+
+def _deadline(ctx: Ctx) -> float | None:
+    """The request's Connect-Timeout-Ms as an event-loop time, or None without one."""
+    timeout_ms = ctx.timeout_ms
+    if timeout_ms is None:
+        return None
+    return asyncio.get_running_loop().time() + max(timeout_ms, 0) / 1000
+
+
+def _deadline_exceeded() -> ConnectError:
+    return ConnectError(Code.DEADLINE_EXCEEDED, "the request's deadline passed")
 
 
 async def _request_user(env: SandboxEnvironment, ctx: Ctx) -> SandboxUser:

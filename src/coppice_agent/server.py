@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 
 import uvicorn
 from starlette.applications import Starlette
@@ -89,6 +90,9 @@ async def serve(
     identity.start()
     warm = asyncio.create_task(interpreter.start())
     warm.add_done_callback(_report_failed_warm)
+    log.info(
+        "agent starting: envd on port %d, code interpreter on port %d", envd_port, interpreter_port
+    )
     try:
         await server.serve(sockets=[_listen(envd_port), _listen(interpreter_port)])
     finally:
@@ -100,13 +104,29 @@ async def serve(
 def _report_failed_warm(task: asyncio.Task[None]) -> None:
     # /ready stays 503 after this, and the pool's readiness probe reports the timeout; the
     # reason must reach the sandbox's console log, where that report points.
-    if not task.cancelled() and task.exception() is not None:
+    if task.cancelled():
+        return
+    if task.exception() is not None:
         log.error("the default kernel did not start", exc_info=task.exception())
+    else:
+        log.info("the default kernel is ready")
+
+
+def _deliberately_incomplete(record: logging.LogRecord) -> bool:
+    """uvicorn calls every unfinished response an error; a download cut short on purpose
+    (its file shrank) is one, and has already logged why."""
+    return record.getMessage() != "ASGI callable returned without completing response."
 
 
 def main() -> None:
+    # The host reads these lines back as the sandbox's logs (GET /v2/sandboxes/{id}/logs):
+    # an ISO UTC time and the level are what its parser keys on.
     logging.basicConfig(
-        level=logging.INFO, format="coppice-agent %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format="coppice-agent %(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
     )
+    logging.Formatter.converter = time.gmtime
+    logging.getLogger("uvicorn.error").addFilter(_deliberately_incomplete)
     env = SandboxEnvironment(default_user=os.environ.get("COPPICE_DEFAULT_USER", "user"))
     asyncio.run(serve(env))

@@ -4,18 +4,22 @@
 from __future__ import annotations
 
 import base64
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
 from connectrpc.codec import Codec, proto_json_codec
+from e2b import ConnectionConfig
+from packaging.version import Version
 
 from coppice_agent.envd import build_envd_app
 from coppice_agent.environment import SandboxEnvironment
+from coppice_agent.filesystem import FilesystemService
 from coppice_agent.rpc.filesystem.filesystem_connect import FilesystemClientSync
 from coppice_agent.rpc.process.process_connect import ProcessClientSync
 
@@ -49,9 +53,12 @@ def basic_auth(user: str) -> dict[str, str]:
 
 @contextmanager
 def running_envd(
-    env: SandboxEnvironment, *, keepalive_interval: float = 30.0
+    env: SandboxEnvironment,
+    *,
+    keepalive_interval: float = 30.0,
+    filesystem: FilesystemService | None = None,
 ) -> Iterator[EnvdServer]:
-    app = build_envd_app(env, keepalive_interval=keepalive_interval)
+    app = build_envd_app(env, keepalive_interval=keepalive_interval, filesystem=filesystem)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -74,3 +81,42 @@ def running_envd(
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# What the gateway reports to the SDK: the envd features this agent implements.
+ENVD_VERSION = "0.6.4"
+
+
+def sdk_options(server: EnvdServer, token: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for the SDK's `Sandbox`/`AsyncSandbox` constructors: what
+    `Sandbox.create` builds from the control plane's answer, minus the control plane."""
+    headers = {"E2b-Sandbox-Id": "sbx-test"}
+    if token is not None:
+        headers["X-Access-Token"] = token
+    return {
+        "sandbox_id": "sbx-test",
+        "sandbox_domain": None,
+        "envd_version": Version(ENVD_VERSION),
+        "envd_access_token": token,
+        "traffic_access_token": None,
+        "connection_config": ConnectionConfig(
+            api_key="unused", sandbox_url=server.url, extra_sandbox_headers=headers
+        ),
+    }
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -15,9 +15,10 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from coppice_agent.downloads import choose_encoding
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.rpc.process.process_pb import ListRequest, ProcessConfig, StartRequest
-from tests.agent.envd_harness import EnvdServer, running_envd
+from tests.agent.envd_harness import EnvdServer, running_envd, wait_until
 
 NOBODY = pwd.getpwnam("nobody")
 
@@ -144,6 +145,139 @@ def test_download_errors(http: httpx.Client, tmp_path: Path) -> None:
     assert directory.status_code == 400
     unknown_user = http.get("/files", params={"path": "/etc/hostname", "username": "nobody-here"})
     assert unknown_user.status_code == 400
+
+
+def test_download_of_a_regular_file_has_its_length(http: httpx.Client, tmp_path: Path) -> None:
+    (tmp_path / "f.bin").write_bytes(b"0123456789")
+    # httpx offers "gzip, deflate" on every request: that alone is no request for gzip.
+    response = http.get("/files", params={"path": str(tmp_path / "f.bin")})
+    assert response.headers["content-length"] == "10"
+    assert response.headers["accept-ranges"] == "bytes"
+    assert "content-encoding" not in response.headers
+    assert response.headers["content-disposition"] == 'attachment; filename="f.bin"'
+    assert response.content == b"0123456789"
+    head = http.head("/files", params={"path": str(tmp_path / "f.bin")})
+    assert (head.status_code, head.headers["content-length"], head.content) == (200, "10", b"")
+    ranged = http.get(
+        "/files", params={"path": str(tmp_path / "f.bin")}, headers={"Range": "bytes=2-4"}
+    )
+    assert (ranged.status_code, ranged.content) == (206, b"234")
+    (tmp_path / "empty").write_bytes(b"")
+    assert http.get("/files", params={"path": str(tmp_path / "empty")}).content == b""
+
+
+def test_download_of_a_proc_file_reads_to_eof(http: httpx.Client) -> None:
+    response = http.get("/files", params={"path": "/proc/self/status"})
+    assert response.status_code == 200
+    assert "content-length" not in response.headers
+    assert "accept-ranges" not in response.headers
+    assert response.headers["transfer-encoding"] == "chunked"
+    assert response.content.startswith(b"Name:")
+
+
+def test_download_gzip_when_asked(http: httpx.Client, tmp_path: Path) -> None:
+    data = b"squeeze me " * 10_000
+    (tmp_path / "f.txt").write_bytes(data)
+    for accept in ("gzip", "x-gzip", "identity;q=0, gzip", "gzip;q=1, identity;q=0.5"):
+        with http.stream(
+            "GET",
+            "/files",
+            params={"path": str(tmp_path / "f.txt")},
+            headers={"Accept-Encoding": accept},
+        ) as response:
+            raw = b"".join(response.iter_raw())
+        assert response.headers["content-encoding"] == "gzip", accept
+        assert "content-length" not in response.headers
+        assert len(raw) < len(data) // 10
+        assert gzip.decompress(raw) == data
+    proc = http.get(
+        "/files", params={"path": "/proc/self/status"}, headers={"Accept-Encoding": "gzip"}
+    )
+    assert proc.headers["content-encoding"] == "gzip"
+    assert proc.content.startswith(b"Name:")
+
+
+@pytest.mark.parametrize("accept", ["identity;q=0", "br, identity;q=0", "*;q=0", "gzip;q=0, *;q=0"])
+def test_download_406_when_nothing_we_have_is_acceptable(
+    http: httpx.Client, tmp_path: Path, accept: str
+) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    response = http.get(
+        "/files", params={"path": str(tmp_path / "f")}, headers={"Accept-Encoding": accept}
+    )
+    assert response.status_code == 406
+    assert response.json() == {
+        "code": 406,
+        "message": "no acceptable encoding found, supported: [identity, gzip]",
+    }
+
+
+@pytest.mark.parametrize("accept", ["identity", "gzip"])
+def test_download_of_a_file_that_shrinks_is_aborted(
+    http: httpx.Client, tmp_path: Path, accept: str
+) -> None:
+    target = tmp_path / "shrinking.bin"
+    # Sparse: far more than the socket buffers hold, without writing any of it.
+    target.touch()
+    os.truncate(target, 256 * 1024 * 1024)
+    with http.stream(
+        "GET", "/files", params={"path": str(target)}, headers={"Accept-Encoding": accept}
+    ) as response:
+        chunks = response.iter_raw()
+        next(chunks)
+        os.truncate(target, 1024 * 1024)
+        # Neither padded nor ended as if complete: the connection breaks off.
+        with pytest.raises(httpx.RemoteProtocolError):
+            for _ in chunks:
+                pass
+
+
+def open_descriptors(target: str) -> int:
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            count += os.readlink(fd) == target
+        except OSError:
+            continue
+    return count
+
+
+def test_download_stops_when_the_client_goes_away(envd: EnvdServer) -> None:
+    before = open_descriptors("/dev/zero")
+    # Its own connection, closed on leaving: /dev/zero never ends, only the client can.
+    with (
+        httpx.Client(base_url=envd.url) as client,
+        client.stream("GET", "/files", params={"path": "/dev/zero"}) as response,
+    ):
+        chunks = response.iter_raw()
+        chunk = next(chunks)
+        assert chunk and not chunk.strip(b"\0")
+        assert open_descriptors("/dev/zero") == before + 1
+    assert wait_until(lambda: open_descriptors("/dev/zero") == before)
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, "identity"),
+        ("", "identity"),
+        ("gzip", "gzip"),
+        ("GZIP;q=0.8", "gzip"),
+        ("gzip, deflate", "identity"),
+        ("gzip, deflate, br, zstd", "identity"),
+        ("br", "identity"),
+        ("*", "identity"),
+        ("gzip;q=0", "identity"),
+        ("gzip;q=0.5, identity", "identity"),
+        ("gzip, identity;q=0.5", "gzip"),
+        ("identity;q=0, *", "gzip"),
+        ("identity;q=0", None),
+        ("*;q=0, identity;q=bogus", None),
+        ("*;q=0, gzip", "gzip"),
+    ],
+)
+def test_choose_encoding(accept: str | None, expected: str | None) -> None:
+    assert choose_encoding(accept) == expected
 
 
 def test_upload_errors(http: httpx.Client, tmp_path: Path) -> None:

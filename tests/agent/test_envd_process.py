@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import httpx
 import pytest
 from connectrpc.code import Code
 from connectrpc.codec import proto_binary_codec
@@ -365,6 +368,39 @@ def test_start_deadline_kills_the_process(client: ProcessClientSync) -> None:
     assert wait_until(
         lambda: all(p.tag != "deadline" for p in client.list(ListRequest()).processes)
     )
+
+
+def connect_envelopes(body: bytes) -> list[tuple[int, Any]]:
+    """(flags, JSON) of each message in a Connect streaming body."""
+    messages = []
+    while body:
+        flags, length = struct.unpack(">BI", body[:5])
+        messages.append((flags, json.loads(body[5 : 5 + length])))
+        body = body[5 + length :]
+    return messages
+
+
+def test_start_deadline_is_a_deadline_error_not_an_exit(envd: EnvdServer) -> None:
+    # Raw HTTP: the generated client would enforce the same deadline itself and hide what
+    # the server sends.
+    request = json.dumps(
+        {"process": {"cmd": "/bin/bash", "args": ["-c", "sleep 30"]}, "tag": "raw-deadline"}
+    ).encode()
+    response = httpx.post(
+        f"{envd.url}/process.Process/Start",
+        content=struct.pack(">BI", 0, len(request)) + request,
+        headers={"Content-Type": "application/connect+json", "Connect-Timeout-Ms": "500"},
+        timeout=10,
+    )
+    messages = connect_envelopes(response.content)
+    kinds = [next(iter(m["event"])) for flags, m in messages if flags == 0]
+    assert kinds[0] == "start"
+    assert "end" not in kinds
+    flags, end_of_stream = messages[-1]
+    assert flags == 0x02
+    assert end_of_stream["error"]["code"] == "deadline_exceeded"
+    pid = messages[0][1]["event"]["start"]["pid"]
+    assert wait_until(lambda: not live_group_members(pid))
 
 
 def test_command_not_found(client: ProcessClientSync) -> None:

@@ -48,7 +48,7 @@ class Served:
         return Sandbox(
             sandbox_id="test",
             sandbox_domain=None,
-            envd_version=Version("0.5.7"),
+            envd_version=Version("0.6.4"),
             envd_access_token=None,
             traffic_access_token=None,
             connection_config=ConnectionConfig(sandbox_url=self.url, api_key="e2b_test"),
@@ -176,7 +176,7 @@ def test_sdk_contexts(served: Served, sbx: Any, tmp_path: Path) -> None:
     assert ctx.cwd == str(tmp_path)
     assert ctx.language == "python"
     assert sbx.run_code("y = 5\ny * 2", context=ctx).text == "10"
-    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == repr(str(tmp_path))
+    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == str(tmp_path)
     # Contexts do not share state.
     assert sbx.run_code("'y' in dir()").text == "False"
     assert ctx.id in [c.id for c in sbx.list_code_contexts()]
@@ -185,12 +185,31 @@ def test_sdk_contexts(served: Served, sbx: Any, tmp_path: Path) -> None:
     ex = sbx.run_code("y", context=ctx)
     assert ex.error is not None
     assert ex.error.name == "NameError"
-    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == repr(str(tmp_path))
+    assert sbx.run_code("import os; os.getcwd()", context=ctx).text == str(tmp_path)
 
     sbx.remove_code_context(ctx)
     assert ctx.id not in [c.id for c in sbx.list_code_contexts()]
     with pytest.raises(NotFoundException):
         sbx.run_code("1", context=ctx)
+
+
+def test_sdk_str_results_are_the_string_itself(sbx: Any) -> None:
+    # E2B's server strips the repr of a plain str value, and only of that.
+    assert sbx.run_code("'a'").text == "a"
+    assert sbx.run_code("''").text == ""
+    assert sbx.run_code("'line one\\nline \"two\"'").text == 'line one\nline "two"'
+    assert sbx.run_code("['a', 'b']").text == "['a', 'b']"
+    assert sbx.run_code("{'k': 'v'}").text == "{'k': 'v'}"
+    assert sbx.run_code("b'a'").text == "b'a'"
+    assert sbx.run_code("class S(str):\n    pass\nS('sub')").text == "'sub'"
+    quoted_repr = "class Q:\n    def __repr__(self):\n        return \"'q'\"\nQ()"
+    assert sbx.run_code(quoted_repr).text == "'q'"
+    # Only the cell's value: a displayed string keeps its repr.
+    ex = sbx.run_code("from IPython.display import display\ndisplay('shown')\n'main'")
+    shown, main = ex.results
+    assert (shown.is_main_result, shown.text) == (False, "'shown'")
+    assert (main.is_main_result, main.text) == (True, "main")
+    assert "application/x-coppice-str" not in (shown.extra or {})
 
 
 def test_sdk_streaming_callbacks_and_envs(sbx: Any) -> None:
@@ -202,7 +221,7 @@ def test_sdk_streaming_callbacks_and_envs(sbx: Any) -> None:
     )
     assert seen == ["out\n"]
     assert ex.logs.stderr == ["err\n"]
-    assert ex.text == "'bar'"
+    assert ex.text == "bar"
 
 
 # -- the wire format --------------------------------------------------------------------------
@@ -286,14 +305,14 @@ def test_env_vars_apply_to_one_execution(served: Served) -> None:
 
 def test_env_init_reaches_live_and_new_kernels(served: Served, tmp_path: Path) -> None:
     before = execute(served, "import os; repr(os.environ.get('SANDBOX_WIDE'))")
-    assert before[-2]["text"] == "'None'"
+    assert before[-2]["text"] == "None"
     served.call(served.env.init(env_vars={"SANDBOX_WIDE": "yes"}))
     after = execute(served, "import os; repr(os.environ.get('SANDBOX_WIDE'))")
-    assert after[-2]["text"] == "\"'yes'\""
+    assert after[-2]["text"] == "'yes'"
     with httpx.Client(timeout=60) as client:
         ctx = client.post(f"{served.url}/contexts", json={"cwd": str(tmp_path)}).json()
     fresh = execute(served, "import os; os.environ['SANDBOX_WIDE']", context_id=ctx["id"])
-    assert fresh[-2]["text"] == "'yes'"
+    assert fresh[-2]["text"] == "yes"
     # A second init replaces the sandbox-wide set rather than adding to it.
     served.call(served.env.init(env_vars={"OTHER": "1"}))
     again = execute(served, "os.environ.get('SANDBOX_WIDE'), os.environ.get('OTHER')")
@@ -328,7 +347,7 @@ def test_disconnect_does_not_wedge_the_context(served: Served) -> None:
             assert json.loads(first)["type"] == "number_of_executions"
         start = time.monotonic()
         events = execute(served, "'free'")
-    assert events[-2]["text"] == "'free'"
+    assert events[-2]["text"] == "free"
     assert time.monotonic() - start < 5
 
 
@@ -407,7 +426,7 @@ def test_default_context_is_listed_with_home_cwd(served: Served) -> None:
         contexts = client.get(f"{served.url}/contexts").json()
     assert {"language": "python", "cwd": "/root"}.items() <= contexts[0].items()
     events = execute(served, "import os; os.getcwd()")
-    assert events[-2]["text"] == "'/root'"
+    assert events[-2]["text"] == "/root"
 
 
 def test_access_token_guards_execute_only(served: Served) -> None:

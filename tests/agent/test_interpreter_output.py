@@ -6,7 +6,13 @@ from typing import Any
 
 from e2b_code_interpreter.models import Execution, parse_output
 
-from coppice_agent.kernel_output import END_OF_EXECUTION, encode, output_event, result_event
+from coppice_agent.kernel_output import (
+    END_OF_EXECUTION,
+    STR_RESULT_MIME,
+    encode,
+    output_event,
+    result_event,
+)
 
 
 def parse(*messages: tuple[str, dict[str, Any]]) -> Any:
@@ -68,3 +74,12 @@ def test_each_event_is_exactly_one_line() -> None:
 def test_wrapped_base64_images_come_out_plain() -> None:
     event = result_event({"image/png": "iVBORw0KGgo\nAAAA\n"}, is_main_result=False)
     assert event["png"] == "iVBORw0KGgoAAAA"
+
+
+def test_a_str_main_result_is_the_string_and_the_marker_never_leaks() -> None:
+    bundle = {"text/plain": "'a\\nb'", STR_RESULT_MIME: "a\nb"}
+    execution = parse(("execute_result", {"data": bundle}))
+    assert execution.text == "a\nb"
+    assert execution.results[0].extra is None
+    shown = result_event(bundle, is_main_result=False)
+    assert shown == {"type": "result", "text": "'a\\nb'", "is_main_result": False}
