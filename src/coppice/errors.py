@@ -15,6 +15,8 @@ class CoppiceError(Exception):
     exit_code = 1
     #: HTTP status the gateway will map this kind of error to
     http_status = 500
+    #: E2B's machine-readable `error_code`, for the few errors the SDK tells apart by it
+    error_code: str | None = None
 
 
 class InvalidRequest(CoppiceError):
@@ -22,6 +24,16 @@ class InvalidRequest(CoppiceError):
 
     exit_code = 2
     http_status = 400
+
+
+class NotSupportedYet(InvalidRequest):
+    """The caller asked for an E2B feature Coppice does not implement (yet). Said out loud,
+    because accepting the field and ignoring it would lie about what the sandbox does."""
+
+    def __init__(self, feature: str, hint: str = "") -> None:
+        tail = f"; {hint}" if hint else ""
+        super().__init__(f"{feature} is not supported by Coppice yet{tail}")
+        self.feature = feature
 
 
 class Unauthorized(CoppiceError):
@@ -111,6 +123,20 @@ class SubstrateError(CoppiceError):
     """A sandbox could not be started, paused, resumed or destroyed."""
 
     http_status = 502
+
+
+class GuestUnresponsive(CoppiceError):
+    """A strict pause found the sandbox's agent not answering; nothing was paused. Not 409:
+    the SDK reads a 409 on pause as "already paused"."""
+
+    http_status = 500
+    error_code = "sandbox_snapshot_guest_agent_unresponsive"
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(
+            f"sandbox {sandbox_id}'s agent does not answer, so it was not paused; "
+            "pause without strict=True to freeze it anyway"
+        )
 
 
 class SandboxDied(SubstrateError):

@@ -23,6 +23,7 @@ from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
 from coppice.substrates.vm import VmSubstrate
 
+from .gateway_process import GatewayProcess, point_sdk_at
 from .hostscan import HostSnapshot
 
 pytestmark = pytest.mark.integration
@@ -138,3 +139,31 @@ def vm_pool(controller: PoolController, vm_template: TemplateRecord) -> Iterator
     yield controller
     controller.drain(vm_template.name)
     controller.reconcile()
+
+
+#: warm entries the SDK suites' gateway keeps
+SDK_POOL = 4
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    cli_env: dict[str, str],
+    template: TemplateRecord,
+    controller: PoolController,
+    instance_dir: Path,
+) -> Iterator[GatewayProcess]:
+    """`coppice serve` on loopback with a warm python pool, the SDK pointed at it (one per
+    test module)."""
+    controller.drain(template.name)
+    gw = GatewayProcess(
+        cli_env, instance_dir / "gateway.log", COPPICE_POOL_TARGETS=f"python={SDK_POOL}"
+    ).start()
+    saved = dict(os.environ)
+    point_sdk_at(gw)
+    try:
+        yield gw
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        gw.stop()
+        controller.drain(template.name)

@@ -5,13 +5,16 @@ from typing import Any
 
 import pytest
 
-from coppice.errors import InvalidRequest
+from coppice.errors import InvalidRequest, NotSupportedYet
 from coppice.gateway.wire import (
     decode_token,
     encode_token,
     iso,
+    parse_connect,
     parse_create,
     parse_list_query,
+    parse_pause,
+    timeout_value,
 )
 
 
@@ -79,3 +82,88 @@ def test_page_token_round_trip() -> None:
 
 def test_timestamps_parse_as_the_sdk_parses_them() -> None:
     assert datetime.fromisoformat(iso(1700000000.5)).timestamp() == 1700000000.5
+
+
+def test_list_defaults_to_newest_first_as_e2b() -> None:
+    assert parse_list_query({}).newest_first
+    assert not parse_list_query({"order": "asc"}).newest_first
+
+
+def test_list_filters_started_after_and_template() -> None:
+    q = parse_list_query({"startedAfter": "2026-01-01T00:00:00Z", "template": "base"})
+    assert q.started_after == datetime.fromisoformat("2026-01-01T00:00:00+00:00").timestamp()
+    assert q.template == "base"
+    # The SDK sends a local time with its offset.
+    q = parse_list_query({"startedAfter": "2026-01-01T01:00:00+01:00"})
+    assert q.started_after == datetime.fromisoformat("2026-01-01T00:00:00+00:00").timestamp()
+
+
+def test_list_refuses_a_filter_it_does_not_know() -> None:
+    with pytest.raises(InvalidRequest, match=r"unknown query parameter.*'owner'"):
+        parse_list_query({"owner": "alice"})
+    with pytest.raises(InvalidRequest, match="startedAfter"):
+        parse_list_query({"startedAfter": "yesterday"})
+    with pytest.raises(InvalidRequest, match="limit"):
+        parse_list_query({"limit": "101"})  # E2B's page is at most 100
+
+
+def test_total_running_only_when_running_is_asked_for() -> None:
+    assert parse_list_query({}).counts_running
+    assert parse_list_query({"state": "running,paused"}).counts_running
+    assert not parse_list_query({"state": "paused"}).counts_running
+
+
+@pytest.mark.parametrize(
+    ("body", "feature"),
+    [
+        ({"network": {"allowOut": ["1.1.1.1"]}}, "network.allowOut"),
+        ({"network": {"denyOut": ["0.0.0.0/0"]}}, "network.denyOut"),
+        ({"network": {"maskRequestHost": "${PORT}-x.example"}}, "maskRequestHost"),
+        ({"mcp": {"github": {}}}, "MCP"),
+        ({"volumeMounts": [{"name": "v", "path": "/data"}]}, "volumeMounts"),
+        ({"autoPause": True, "autoPauseMemory": False}, "autoPauseMemory"),
+        ({"iam": {"tokens": {"a": {}}}}, "iam"),
+        ({"secure": False}, "secure=false"),
+    ],
+)
+def test_fields_coppice_cannot_honour_are_refused_by_name(
+    body: dict[str, Any], feature: str
+) -> None:
+    with pytest.raises(NotSupportedYet, match=feature) as info:
+        parse_create({"templateID": "base", **body}, 300, 3600)
+    assert "not supported by Coppice yet" in str(info.value)
+
+
+def test_defaults_the_sdk_sends_are_accepted() -> None:
+    req = parse_create(
+        {
+            "templateID": "base",
+            "allow_internet_access": True,
+            "network": {"allowPublicTraffic": False, "allowOut": [], "denyOut": []},
+            "autoPauseMemory": True,
+            "secure": True,
+            "mcp": None,
+            "volumeMounts": [],
+        },
+        300,
+        3600,
+    )
+    assert req.public_traffic is False
+    assert parse_create({"templateID": "base"}, 300, 3600).public_traffic is True
+
+
+def test_pause_and_connect_bodies() -> None:
+    assert parse_pause({}) is False
+    assert parse_pause({"requireHealthyGuest": True}) is True
+    with pytest.raises(NotSupportedYet, match="filesystem-only pause"):
+        parse_pause({"memory": False})
+    assert parse_connect({}, 3600) is None
+    assert parse_connect({"timeout": 0}, 3600) == 0
+    with pytest.raises(NotSupportedYet, match="reboot"):
+        parse_connect({"memory": False}, 3600)
+
+
+def test_set_timeout_accepts_zero_only_when_asked() -> None:
+    assert timeout_value(0, "timeout", 3600, minimum=0) == 0
+    with pytest.raises(InvalidRequest):
+        timeout_value(0, "timeout", 3600)

@@ -23,28 +23,51 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from coppice.config import Settings
-from coppice.errors import CoppiceError, InvalidRequest, PoolExhausted, SubstrateError
+from coppice.errors import (
+    CoppiceError,
+    GuestUnresponsive,
+    InvalidRequest,
+    PoolExhausted,
+    SubstrateError,
+)
 from coppice.gateway.auth import KeyRing, Principal
 from coppice.gateway.auth import Scope as KeyScope
 from coppice.gateway.catalog import TemplateCatalog, aliases_of
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.proxy import (
+    TRAFFIC_TOKEN_HEADER,
     SandboxDirectory,
     SandboxProxy,
     SandboxUnreachable,
+    Target,
     error,
     needs_token,
     not_found,
     target_of,
     token_ok,
+    traffic_allowed,
+)
+from coppice.gateway.sandbox_logs import (
+    MAX_CONSOLE_BYTES,
+    LogLine,
+    legacy_logs_json,
+    logs_json,
+    parse_console,
+    parse_log_query,
+    select,
 )
 from coppice.gateway.sandboxes import SandboxService
+from coppice.gateway.signed_urls import is_presigned_files_request, signed_for
 from coppice.gateway.wire import (
+    LIST_V1_PARAMETERS,
     detail_json,
     listed_json,
+    parse_connect,
     parse_create,
     parse_list_query,
+    parse_pause,
     sandbox_json,
+    template_builds_json,
     template_json,
     timeout_value,
 )
@@ -150,6 +173,8 @@ async def list_sandboxes(request: Request) -> Response:
         listed_json(h, gw.template_of(h), gw.service.limits(gw.template_of(h))) for h in page.items
     ]
     headers = {"x-next-token": page.next_token} if page.next_token else {}
+    if page.total_running is not None:
+        headers["x-total-running"] = str(page.total_running)
     return JSONResponse(body, headers=headers)
 
 
@@ -157,8 +182,9 @@ async def list_sandboxes_v1(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.READ)
     params = dict(request.query_params)
-    params.setdefault("limit", "1000")
-    page = await _run(gw.service.page, who, parse_list_query(params))
+    parse_list_query(params, known=LIST_V1_PARAMETERS)  # only to refuse what v1 does not take
+    query = parse_list_query({**params, "limit": "1000"}, max_limit=1000)
+    page = await _run(gw.service.page, who, query)
     return JSONResponse(
         [
             listed_json(h, gw.template_of(h), gw.service.limits(gw.template_of(h)))
@@ -190,8 +216,11 @@ async def set_timeout(request: Request) -> Response:
     body = await _json(request, {})
     if not isinstance(body, dict) or "timeout" not in body:
         raise InvalidRequest('the body must be {"timeout": <seconds>}')
-    seconds = timeout_value(body["timeout"], "timeout", gw.settings.max_timeout_s)
+    # 0 is E2B's "expire now": the reaper acts on it at once.
+    seconds = timeout_value(body["timeout"], "timeout", gw.settings.max_timeout_s, minimum=0)
     await _run(gw.service.set_timeout, who, request.path_params["sandbox_id"], seconds)
+    if seconds == 0:
+        gw.keeper.wake()
     return Response(status_code=204)
 
 
@@ -209,23 +238,29 @@ async def refresh(request: Request) -> Response:
 async def pause(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.MANAGE)
-    await _run(gw.service.pause, who, request.path_params["sandbox_id"])
+    sandbox_id = request.path_params["sandbox_id"]
+    if parse_pause(await _json(request, {})):
+        handed = await _run(gw.service.get, who, sandbox_id)
+        if handed.entry.state is State.IN_USE and not await _agent_answers(gw, handed):
+            raise GuestUnresponsive(sandbox_id)
+    await _run(gw.service.pause, who, sandbox_id)
     gw.directory.forget(request.path_params["sandbox_id"])
     return Response(status_code=204)
 
 
-def _optional_timeout(gw: Gateway, body: Any) -> int | None:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    if body.get("timeout") is None:
-        return None
-    return timeout_value(body["timeout"], "timeout", gw.settings.max_timeout_s)
+async def _agent_answers(gw: Gateway, handed: HandedOut) -> bool:
+    url = f"http://{handed.entry.ip}:{AGENT_PORT}/health"
+    try:
+        answer = await gw.proxy.client(handed.sandbox.id).get(url, timeout=5.0)
+    except Exception:
+        return False
+    return answer.status_code < 300
 
 
 async def resume(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.MANAGE)
-    timeout = _optional_timeout(gw, await _json(request, {}))
+    timeout = parse_connect(await _json(request, {}), gw.settings.max_timeout_s)
     handed = await _run(gw.service.resume, who, request.path_params["sandbox_id"], timeout)
     gw.directory.forget(handed.sandbox.id)
     return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=201)
@@ -234,7 +269,7 @@ async def resume(request: Request) -> Response:
 async def connect(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.MANAGE)
-    timeout = _optional_timeout(gw, await _json(request, {}))
+    timeout = parse_connect(await _json(request, {}), gw.settings.max_timeout_s)
     sandbox_id = request.path_params["sandbox_id"]
     was_paused = (await _run(gw.service.get, who, sandbox_id)).entry.state is State.PAUSED
     handed = await _run(gw.service.connect, who, sandbox_id, timeout)
@@ -259,6 +294,75 @@ async def templates(request: Request) -> Response:
     )
 
 
+async def templates_v2(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    _who(request, KeyScope.READ)
+    unknown = sorted(set(request.query_params) - {"teamID", "limit", "nextToken"})
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s) {unknown}")
+    if request.query_params.get("nextToken"):
+        return JSONResponse([])  # every template fits on the first page
+    records = await _run(gw.service.catalog.all)
+    return JSONResponse(
+        [template_json(t, aliases_of(t.name), gw.service.limits(t.name)) for t in records]
+    )
+
+
+async def template_detail(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    _who(request, KeyScope.READ)
+    record = await _run(gw.service.catalog.resolve, request.path_params["template_id"])
+    return JSONResponse(
+        template_builds_json(record, aliases_of(record.name), gw.service.limits(record.name))
+    )
+
+
+async def template_alias(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    _who(request, KeyScope.READ)
+    record = await _run(gw.service.catalog.resolve, request.path_params["alias"])
+    return JSONResponse({"templateID": record.name, "public": True})
+
+
+async def sandbox_logs(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.READ)
+    query = parse_log_query(dict(request.query_params))
+    lines = await _run(_console_lines, gw, who, request.path_params["sandbox_id"])
+    return JSONResponse(logs_json(select(lines, query)))
+
+
+async def sandbox_logs_v1(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.READ)
+    params = dict(request.query_params)
+    unknown = sorted(set(params) - {"start", "limit"})
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s) {unknown}; v1 logs take start, limit")
+    query = parse_log_query(
+        {
+            k: v
+            for k, v in {"cursor": params.get("start"), "limit": params.get("limit")}.items()
+            if v
+        }
+    )
+    lines = await _run(_console_lines, gw, who, request.path_params["sandbox_id"])
+    return JSONResponse(legacy_logs_json(select(lines, query)))
+
+
+def _console_lines(gw: Gateway, who: Principal, sandbox_id: str) -> list[LogLine]:
+    handed = gw.service.get(who, sandbox_id)
+    path = gw.controller.substrate(handed.entry.substrate).console_log(handed.entry.id)
+    try:
+        with path.open("rb") as console:
+            size = console.seek(0, 2)
+            console.seek(max(0, size - MAX_CONSOLE_BYTES))
+            text = console.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        text = ""
+    return parse_console(text, handed.sandbox.started_at)
+
+
 async def gateway_health(_: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -279,6 +383,11 @@ ROUTES = [
     Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/metrics", metrics, methods=["GET"]),
     Route("/templates", templates, methods=["GET"]),
+    Route("/v2/templates", templates_v2, methods=["GET"]),
+    Route("/templates/aliases/{alias:path}", template_alias, methods=["GET"]),
+    Route("/templates/{template_id}", template_detail, methods=["GET"]),
+    Route("/v2/sandboxes/{sandbox_id}/logs", sandbox_logs, methods=["GET"]),
+    Route("/sandboxes/{sandbox_id}/logs", sandbox_logs_v1, methods=["GET"]),
 ]
 
 
@@ -290,9 +399,10 @@ async def _coppice_error(_: Request, exc: Exception) -> Response:
     headers = {}
     if isinstance(exc, PoolExhausted):
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    return JSONResponse(
-        {"code": exc.http_status, "message": str(exc)}, exc.http_status, headers=headers
-    )
+    body: dict[str, Any] = {"code": exc.http_status, "message": str(exc)}
+    if exc.error_code is not None:
+        body["error_code"] = exc.error_code
+    return JSONResponse(body, exc.http_status, headers=headers)
 
 
 async def _unexpected(_: Request, exc: Exception) -> Response:
@@ -308,16 +418,26 @@ async def _http_error(_: Request, exc: Exception) -> Response:
 # -- in-sandbox routing ------------------------------------------------------------------------
 
 
+#: where GatewayApp leaves the sandbox it found for a request that did not name one
+_TARGET_KEY = "coppice.target"
+
+
 async def relay(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
-    target = target_of(request, gw.settings.sandbox_domain)
-    assert target is not None
+    target = request.scope.get(_TARGET_KEY) or target_of(request, gw.settings.sandbox_domain)
+    assert isinstance(target, Target)
     handed = gw.directory.get(target.sandbox_id)
     if handed is None:
         await gw.proxy.forget(target.sandbox_id)
         return not_found(target.sandbox_id)
     if needs_token(target, request.url.path, request.url.query) and not token_ok(handed, request):
         return error(401, "missing or wrong X-Access-Token for this sandbox")
+    if not traffic_allowed(handed, target, request):
+        return error(
+            403,
+            f"sandbox {target.sandbox_id} does not allow public traffic: send its "
+            f"trafficAccessToken in the {TRAFFIC_TOKEN_HEADER} header",
+        )
     if handed.entry.state is not State.IN_USE:
         gw.directory.forget(target.sandbox_id)
         resumed = await _run(gw.service.auto_resume, target.sandbox_id)
@@ -365,6 +485,15 @@ class GatewayApp:
 
     @asynccontextmanager
     async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        logging.getLogger("uvicorn.error").addFilter(_incomplete_relay_notice)
+        loop = asyncio.get_running_loop()
+
+        def sandbox_ended(sandbox_id: str) -> None:
+            # From the keeper's threads: end the relays into a sandbox that is over, so a
+            # stream from a killed VM (whose dead tap never resets the connection) aborts.
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._ended(sandbox_id)))
+
+        self.gateway.keeper.on_sandbox_ended = sandbox_ended
         self.gateway.keeper.start()
         pruner = asyncio.create_task(self._prune_connections())
         try:
@@ -373,6 +502,10 @@ class GatewayApp:
             pruner.cancel()
             await anyio.to_thread.run_sync(self.gateway.keeper.stop)
             await self.gateway.proxy.aclose()
+
+    async def _ended(self, sandbox_id: str) -> None:
+        self.gateway.directory.forget(sandbox_id)
+        await self.gateway.proxy.forget(sandbox_id)
 
     async def _prune_connections(self) -> None:
         """Close connection pools of sandboxes that ended without passing through this
@@ -389,10 +522,41 @@ class GatewayApp:
             if target_of(request, self.gateway.settings.sandbox_domain) is not None:
                 await self.sandboxes(scope, receive, send)
                 return
+            query = scope.get("query_string", b"").decode("latin-1")
+            if is_presigned_files_request(scope["path"], query):
+                await self._presigned(scope, receive, send, query)
+                return
         await self.control(scope, receive, send)
+
+    async def _presigned(self, scope: Scope, receive: Receive, send: Send, query: str) -> None:
+        """A presigned file URL with no routing headers (one-origin set-up): its signature
+        says which sandbox it is for."""
+        store = self.gateway.service.store
+
+        def find() -> str | None:
+            tokens = ((h.sandbox.id, h.sandbox.access_token) for h in store.list_sandboxes())
+            return signed_for(scope["method"], query, tokens)
+
+        sandbox_id = await _run(find)
+        if sandbox_id is None:
+            response = error(
+                401,
+                "this signed URL matches no sandbox here: its signature is wrong, or its "
+                "sandbox was killed; make a new one with download_url()/upload_url()",
+            )
+            await response(scope, receive, send)
+            return
+        scope[_TARGET_KEY] = Target(sandbox_id, AGENT_PORT)
+        await self.sandboxes(scope, receive, send)
 
 
 _METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def _incomplete_relay_notice(record: logging.LogRecord) -> bool:
+    """uvicorn reports every response left incomplete as an error; the relay leaves one so on
+    purpose (and logs why) when a sandbox dies mid-stream. No control-plane route streams."""
+    return record.getMessage() != "ASGI callable returned without completing response."
 
 
 def build_gateway(settings: Settings, controller: PoolController) -> GatewayApp:

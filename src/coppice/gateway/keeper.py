@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from coppice.errors import CoppiceError, EntryNotFound, IllegalTransition
@@ -38,6 +39,8 @@ class PoolKeeper:
         self._warm_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refill")
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
         self._last_reconcile = time.monotonic()
+        #: told of every sandbox this keeper ends (killed, timed out), before its teardown
+        self.on_sandbox_ended: Callable[[str], None] | None = None
 
     # -- control --------------------------------------------------------------------------------
 
@@ -59,6 +62,8 @@ class PoolKeeper:
         self._wake.set()
 
     def teardown(self, applied: Applied) -> None:
+        if self.on_sandbox_ended is not None:
+            self.on_sandbox_ended(applied.entry.id)
         self._teardowns.submit(self._guarded, "teardown", applied.entry.id, applied)
 
     # -- the loop -------------------------------------------------------------------------------

@@ -10,20 +10,21 @@ message by message, and uploads stream into the sandbox.
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import anyio
 import httpx
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from coppice.store.records import HandedOut
 from coppice.substrates.base import AGENT_PORT
 
+log = logging.getLogger("coppice.gateway.relay")
 INTERPRETER_PORT = 49999
 #: headers that describe one hop, not the message; never forwarded
 HOP_HEADERS = frozenset(
@@ -39,6 +40,9 @@ HOP_HEADERS = frozenset(
         "host",
     }
 )
+#: answer headers the gateway's own server sets; relaying the agent's as well repeats them
+_OWN_HEADERS = frozenset({"date", "server"})
+TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"  # noqa: S105 - a header name, not a secret
 _HOST_ROUTE = re.compile(r"^(?P<port>\d{1,5})-(?P<id>[a-z0-9]+)\.(?P<domain>[^:]+)(?::\d+)?$")
 
 
@@ -81,6 +85,16 @@ def needs_token(target: Target, path: str, query: str = "") -> bool:
 def token_ok(handed: HandedOut, request: Request) -> bool:
     presented = request.headers.get("x-access-token", "")
     return hmac.compare_digest(presented.encode(), handed.sandbox.access_token.encode())
+
+
+def traffic_allowed(handed: HandedOut, target: Target, request: Request) -> bool:
+    """A sandbox created with `allowPublicTraffic: false` opens its own ports (everything
+    but envd's, which the access token guards) only to requests carrying its traffic token."""
+    required = handed.sandbox.traffic_token
+    if required is None or target.port == AGENT_PORT:
+        return True
+    presented = request.headers.get(TRAFFIC_TOKEN_HEADER, "")
+    return hmac.compare_digest(presented.encode(), required.encode())
 
 
 class SandboxProxy:
@@ -143,9 +157,11 @@ class SandboxProxy:
             for k, v in request.headers.items()
             if k not in HOP_HEADERS and not k.startswith("e2b-sandbox-")
         ]
-        body: bytes | AsyncIterator[bytes]
+        body: bytes | AsyncIterator[bytes] | None
         length = request.headers.get("content-length")
-        if length is not None and int(length or 0) <= 1 << 20:
+        if length is None and "transfer-encoding" not in request.headers:
+            body = None  # no body: a GET must not go upstream as an empty chunked one
+        elif length is not None and int(length or 0) <= 1 << 20:
             body = await request.body()  # small: one write, and the agent sees its length
         else:
             body = request.stream()
@@ -157,29 +173,51 @@ class SandboxProxy:
             raise SandboxUnreachable(handed.sandbox.id, port) from None
         except httpx.TransportError as exc:
             return error(502, f"sandbox {handed.sandbox.id}: {type(exc).__name__}: {exc}")
-        response = StreamingResponse(
-            _relay_body(upstream),
-            status_code=upstream.status_code,
-            background=BackgroundTask(upstream.aclose),
-        )
+        response = RelayedResponse(handed.sandbox.id, upstream)
         # Verbatim, repeated headers included; the body is relayed undecoded, so its
         # Content-Encoding and Content-Length still hold.
         response.raw_headers = [
-            (k, v) for k, v in upstream.headers.raw if k.lower().decode() not in HOP_HEADERS
+            (k, v)
+            for k, v in upstream.headers.raw
+            if k.lower().decode() not in HOP_HEADERS | _OWN_HEADERS
         ]
         return response
 
 
-async def _relay_body(upstream: httpx.Response) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in upstream.aiter_raw():
-            yield chunk
-    except httpx.TransportError:
-        # The sandbox went away mid-stream; the client sees the stream end early, which the
-        # SDK turns into a "sandbox not running" probe.
-        return
-    except anyio.get_cancelled_exc_class():
-        raise
+class _UpstreamBroke(Exception):
+    pass
+
+
+class RelayedResponse(StreamingResponse):
+    """An answer streamed from inside a sandbox, which must never look more complete than it
+    was: when the upstream breaks mid-body (the sandbox was killed or died), the client's
+    connection is dropped without the final chunk, so its HTTP library raises a transport
+    error, exactly as if it had been talking to the sandbox itself. The SDK turns that into
+    "the sandbox was killed"; a clean end would read as a finished command or a whole file.
+    """
+
+    def __init__(self, sandbox_id: str, upstream: httpx.Response) -> None:
+        super().__init__(self._body(), status_code=upstream.status_code)
+        self.sandbox_id = sandbox_id
+        self.upstream = upstream
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                yield chunk
+        except Exception as exc:  # any way the upstream can break: reset, closed by forget()
+            raise _UpstreamBroke(f"{type(exc).__name__}: {exc}") from None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except _UpstreamBroke as broke:
+            # Returning with the response incomplete makes the server close the connection
+            # mid-body (RFC 9112 §8: an incomplete message); raising would do the same with
+            # a traceback in the log for what is an ordinary event.
+            log.info("relay from sandbox %s broke mid-body: %s", self.sandbox_id, broke)
+        finally:
+            await self.upstream.aclose()
 
 
 class SandboxDirectory:

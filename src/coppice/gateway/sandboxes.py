@@ -14,6 +14,7 @@ from coppice.errors import (
     Conflict,
     EntryNotFound,
     IllegalTransition,
+    NotFound,
     PoolExhausted,
     SandboxNotFound,
 )
@@ -31,6 +32,8 @@ from coppice.store.records import EntryRecord, HandedOut, SandboxRecord, Templat
 class Page:
     items: list[HandedOut]
     next_token: str | None
+    #: running sandboxes matching the filters before paging (None: running not asked for)
+    total_running: int | None = None
 
 
 class SandboxService:
@@ -77,6 +80,7 @@ class SandboxService:
             on_timeout=req.on_timeout,
             auto_resume=req.auto_resume,
             idempotency_key=idempotency_key or None,
+            traffic_token=None if req.public_traffic else secrets.token_urlsafe(24),
         )
         try:
             entry = self.controller.checkout(template.name, record)
@@ -116,6 +120,7 @@ class SandboxService:
         ordered = self.store.list_sandboxes(who.tenant)
         if query.newest_first:
             ordered.reverse()
+        templates = self._template_filter(query.template)
 
         def past_cursor(h: HandedOut) -> bool:
             if query.after is None:
@@ -123,19 +128,35 @@ class SandboxService:
             key = (h.sandbox.started_at, h.sandbox.id)
             return key < query.after if query.newest_first else key > query.after
 
-        matching = [
-            h
-            for h in ordered
-            if (not query.states or state_of(h) in query.states)
-            and all(h.sandbox.metadata.get(k) == v for k, v in query.metadata.items())
-            and past_cursor(h)
-        ]
-        items = matching[: query.limit]
+        def matches(h: HandedOut) -> bool:
+            return (
+                (not query.states or state_of(h) in query.states)
+                and all(h.sandbox.metadata.get(k) == v for k, v in query.metadata.items())
+                and (query.started_after is None or h.sandbox.started_at >= query.started_after)
+                and (templates is None or h.entry.template in templates)
+            )
+
+        matching = [h for h in ordered if matches(h)]
+        total_running = (
+            sum(1 for h in matching if state_of(h) == "running") if query.counts_running else None
+        )
+        page = [h for h in matching if past_cursor(h)]
+        items = page[: query.limit]
         token = None
-        if len(matching) > query.limit:
+        if len(page) > query.limit:
             last = items[-1].sandbox
             token = encode_token(last.started_at, last.id)
-        return Page(items, token)
+        return Page(items, token, total_running)
+
+    def _template_filter(self, template_id: str | None) -> frozenset[str] | None:
+        """The built templates a list filter names (an alias means its template); a name
+        nothing resolves to matches no sandbox rather than failing the list."""
+        if template_id is None:
+            return None
+        try:
+            return frozenset({self.catalog.resolve(template_id).name})
+        except NotFound:
+            return frozenset()
 
     # -- change ---------------------------------------------------------------------------------
 

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
 from coppice.config import Limits
-from coppice.errors import InvalidRequest
+from coppice.errors import InvalidRequest, NotSupportedYet
 from coppice.store.records import HandedOut, TemplateRecord
 
 #: the envd protocol level the agent implements; the SDK turns features on by it (§1.4)
-ENVD_VERSION = "0.5.7"
+ENVD_VERSION = "0.6.4"
 CLIENT_ID = "coppice"
 
 
@@ -30,6 +31,8 @@ class CreateRequest:
     env_vars: dict[str, str]
     on_timeout: str
     auto_resume: bool
+    #: False: traffic to the sandbox's own ports needs its traffic access token
+    public_traffic: bool = True
 
 
 def _object(body: Any, where: str) -> dict[str, Any]:
@@ -48,12 +51,14 @@ def _string_map(value: Any, name: str) -> dict[str, str]:
     return dict(value)
 
 
-def timeout_value(value: Any, name: str, maximum: int) -> int:
+def timeout_value(value: Any, name: str, maximum: int, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"{name} must be a number of seconds")
     seconds = int(value)
-    if not 0 < seconds <= maximum:
-        raise InvalidRequest(f"{name} must be between 1 and {maximum} seconds, not {seconds}")
+    if not minimum <= seconds <= maximum:
+        raise InvalidRequest(
+            f"{name} must be between {minimum} and {maximum} seconds, not {seconds}"
+        )
     return seconds
 
 
@@ -69,6 +74,63 @@ def _enabled(value: Any, name: str) -> bool:
     return enabled
 
 
+def _flag(obj: dict[str, Any], key: str, default: bool) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{key} must be true or false")
+    return value
+
+
+def _present(value: Any) -> bool:
+    """Did the caller ask for something? Empty lists and objects ask for nothing."""
+    return value is not None and value != [] and value != {} and value != ""
+
+
+#: network fields whose behaviour Coppice does not have yet, by their JSON name
+_NETWORK_NOT_YET = {
+    "allowOut": "egress allow rules (network.allowOut)",
+    "denyOut": "egress deny rules (network.denyOut)",
+    "dnsServers": "custom DNS servers (network.dnsServers)",
+    "egressProxy": "an egress proxy (network.egressProxy)",
+    "maskRequestHost": "a request host mask (network.maskRequestHost)",
+    "rules": "egress transform rules (network.rules)",
+    "httpsPorts": "TLS-terminated ports (network.httpsPorts)",
+}
+
+
+def _public_traffic(network: Any) -> bool:
+    if network is None:
+        return True
+    obj = _object(network, "network")
+    for key, feature in _NETWORK_NOT_YET.items():
+        if _present(obj.get(key)):
+            raise NotSupportedYet(feature, "sandboxes have no egress network today")
+    return _flag(obj, "allowPublicTraffic", True)
+
+
+def refuse_unsupported_create_fields(obj: dict[str, Any]) -> None:
+    """Fields E2B honours and Coppice cannot yet: a 400 that names them, never a silent
+    success that leaves the caller believing they took effect."""
+    if obj.get("autoPauseMemory") is False:
+        raise NotSupportedYet(
+            "autoPauseMemory=false (a filesystem-only pause)", "a pause keeps memory today"
+        )
+    if obj.get("secure") is False:
+        raise NotSupportedYet(
+            "secure=false (a sandbox without an access token)",
+            "every Coppice sandbox is secured; drop the field",
+        )
+    if _present(obj.get("mcp")):
+        raise NotSupportedYet("the MCP gateway (mcp)")
+    if _present(obj.get("volumeMounts")):
+        raise NotSupportedYet("volume mounts (volumeMounts)")
+    iam = obj.get("iam")
+    if _present(iam) and (not isinstance(iam, dict) or _present(iam.get("tokens"))):
+        raise NotSupportedYet("workload identity (iam)")
+
+
 def parse_create(body: Any, default_timeout: int, max_timeout: int) -> CreateRequest:
     obj = _object(body, "the request body")
     template_id = obj.get("templateID")
@@ -76,6 +138,10 @@ def parse_create(body: Any, default_timeout: int, max_timeout: int) -> CreateReq
         raise InvalidRequest("templateID is required and must be a non-empty string")
     timeout = obj.get("timeout")
     auto_pause = _enabled(obj.get("autoPause"), "autoPause")
+    refuse_unsupported_create_fields(obj)
+    # Accepted either way: sandboxes have no egress today, so `false` is what they get and
+    # `true` (what the SDK sends when asked) is documented as not yet honoured.
+    _flag(obj, "allow_internet_access", True)
     return CreateRequest(
         template_id=template_id,
         timeout_s=default_timeout
@@ -85,7 +151,32 @@ def parse_create(body: Any, default_timeout: int, max_timeout: int) -> CreateReq
         env_vars=_string_map(obj.get("envVars"), "envVars"),
         on_timeout="pause" if auto_pause else "kill",
         auto_resume=_enabled(obj.get("autoResume"), "autoResume"),
+        public_traffic=_public_traffic(obj.get("network")),
     )
+
+
+def parse_pause(body: Any) -> bool:
+    """The pause body; returns whether the caller wants the guest's health checked first."""
+    obj = _object(body, "the request body")
+    if obj.get("memory") is False:
+        raise NotSupportedYet(
+            "a filesystem-only pause (memory=false / keep_memory=False)",
+            "pause without it: a pause keeps memory and processes",
+        )
+    return _flag(obj, "requireHealthyGuest", False)
+
+
+def parse_connect(body: Any, max_timeout: int) -> int | None:
+    """The connect/resume body: the new timeout, if the caller gave one."""
+    obj = _object(body, "the request body")
+    if obj.get("memory") is False:
+        raise NotSupportedYet(
+            "resuming by a reboot (memory=false / on_resume='reboot')",
+            "connect without it: resume keeps memory and processes",
+        )
+    if obj.get("timeout") is None:
+        return None
+    return timeout_value(obj["timeout"], "timeout", max_timeout, minimum=0)
 
 
 def iso(ts: float) -> str:
@@ -105,7 +196,7 @@ def sandbox_json(h: HandedOut, template: str) -> dict[str, Any]:
         "alias": template,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": h.sandbox.access_token,
-        "trafficAccessToken": None,
+        "trafficAccessToken": h.sandbox.traffic_token,
         "domain": None,
     }
 
@@ -136,10 +227,42 @@ def detail_json(h: HandedOut, template: str, limits: Limits) -> dict[str, Any]:
     }
 
 
+def build_id(t: TemplateRecord) -> str:
+    """E2B's build ids are UUIDs; a build here is named by its recipe hash, shaped as one."""
+    try:
+        return str(uuid.UUID(hex=t.recipe_hash[:32]))
+    except ValueError:
+        return str(uuid.uuid5(uuid.NAMESPACE_OID, t.recipe_hash))
+
+
+def template_builds_json(
+    t: TemplateRecord, aliases: tuple[str, ...], limits: Limits
+) -> dict[str, Any]:
+    """`GET /templates/{id}`: the template (the SDK reads every `Template` field here, more
+    than the published spec lists) with its builds. A template here has one build, the one
+    serving."""
+    return {
+        **template_json(t, aliases, limits),
+        "builds": [
+            {
+                "buildID": build_id(t),
+                "status": "ready",
+                "createdAt": iso(t.built_at - t.build_seconds),
+                "updatedAt": iso(t.built_at),
+                "finishedAt": iso(t.built_at),
+                "cpuCount": max(1, round(limits.cpus)),
+                "memoryMB": limits.memory_mb,
+                "diskSizeMB": limits.disk_mb,
+                "envdVersion": ENVD_VERSION,
+            }
+        ],
+    }
+
+
 def template_json(t: TemplateRecord, aliases: tuple[str, ...], limits: Limits) -> dict[str, Any]:
     return {
         "templateID": t.name,
-        "buildID": t.recipe_hash[:12],
+        "buildID": build_id(t),
         "aliases": list(aliases),
         "names": [t.name, *aliases],
         "cpuCount": max(1, round(limits.cpus)),
@@ -164,10 +287,34 @@ class ListQuery:
     states: frozenset[str]
     limit: int
     after: tuple[float, str] | None  # (started_at, id) of the last item of the previous page
-    newest_first: bool = False
+    newest_first: bool = True  # E2B's default order
+    started_after: float | None = None
+    template: str | None = None
+
+    @property
+    def counts_running(self) -> bool:
+        """E2B reports X-Total-Running only when running sandboxes were asked for."""
+        return not self.states or "running" in self.states
 
 
-def parse_list_query(params: dict[str, str], max_limit: int = 1000) -> ListQuery:
+#: query parameters of `GET /v2/sandboxes`; any other is a 400, not silently ignored
+LIST_PARAMETERS = frozenset(
+    {"metadata", "state", "order", "startedAfter", "template", "nextToken", "limit"}
+)
+#: the deprecated v1 list knows only the metadata filter
+LIST_V1_PARAMETERS = frozenset({"metadata"})
+
+
+def parse_list_query(
+    params: dict[str, str],
+    max_limit: int = 100,
+    known: frozenset[str] = LIST_PARAMETERS,
+) -> ListQuery:
+    unknown_params = sorted(set(params) - known)
+    if unknown_params:
+        raise InvalidRequest(
+            f"unknown query parameter(s) {unknown_params}; this list takes {sorted(known)}"
+        )
     metadata: dict[str, str] = {}
     if params.get("metadata"):
         # The SDK percent-quotes each key and value and joins them as a form string.
@@ -176,16 +323,39 @@ def parse_list_query(params: dict[str, str], max_limit: int = 1000) -> ListQuery
     unknown = states - {"running", "paused"}
     if unknown:
         raise InvalidRequest(f"state must be running and/or paused, not {sorted(unknown)}")
-    raw_limit = params.get("limit", "100")
+    raw_limit = params.get("limit", str(min(100, max_limit)))
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= max_limit:
         raise InvalidRequest(f"limit must be a whole number between 1 and {max_limit}")
     after = None
     if params.get("nextToken"):
         after = decode_token(params["nextToken"])
-    order = params.get("order", "asc")
+    order = params.get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequest(f"order must be asc or desc, not {order!r}")
-    return ListQuery(metadata, states, int(raw_limit), after, newest_first=order == "desc")
+    template = params.get("template") or None
+    return ListQuery(
+        metadata,
+        states,
+        int(raw_limit),
+        after,
+        newest_first=order == "desc",
+        started_after=_timestamp(params["startedAfter"], "startedAfter")
+        if params.get("startedAfter")
+        else None,
+        template=template,
+    )
+
+
+def _timestamp(value: str, name: str) -> float:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"{name} must be an ISO 8601 date-time such as 2026-01-01T12:00:00Z, not {value!r}"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)  # E2B reads a zone-less time as UTC
+    return parsed.timestamp()
 
 
 def encode_token(started_at: float, sandbox_id: str) -> str:

@@ -12,6 +12,8 @@ from coppice.errors import UnknownRecipe
 # are left unconfigured.
 PYTHON_PACKAGES = (
     "python3",
+    # `python` as well as `python3`, as E2B's images have (and agents type).
+    "python-is-python3",
     "python3-ipykernel",
     "python3-cffi-backend",
     "libboost-regex1.74.0",

@@ -12,7 +12,7 @@ import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from coppice.config import Limits, Settings
 from coppice.errors import (
@@ -194,6 +194,12 @@ class PoolController:
         sub = self.substrate(template.substrate)
         (fresh,) = self._reserve(template, 1)
         ready = self._bring_up(template, fresh)
+        # The sandbox's lifetime runs from its hand-out, not from the request: a cold start
+        # may take longer than a short timeout, and the reaper would take it at once.
+        late = time.time() - sandbox.started_at
+        sandbox = replace(
+            sandbox, started_at=sandbox.started_at + late, end_at=sandbox.end_at + late
+        )
         try:
             entry = self.store.adopt_as_sandbox(ready.id, sandbox).entry
         except IllegalTransition:

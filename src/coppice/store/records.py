@@ -103,6 +103,8 @@ class SandboxRecord:
     on_timeout: str  # "kill" or "pause"
     auto_resume: bool
     idempotency_key: str | None
+    #: set when the sandbox's own ports are private: requests to them must carry it
+    traffic_token: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> SandboxRecord:
@@ -130,6 +132,7 @@ class SandboxRecord:
             self.on_timeout,
             int(self.auto_resume),
             self.idempotency_key,
+            self.traffic_token,
         )
 
 
@@ -146,6 +149,7 @@ SANDBOX_COLUMNS = (
     "on_timeout",
     "auto_resume",
     "idempotency_key",
+    "traffic_token",
 )
 
 

@@ -63,6 +63,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX sandboxes_idempotency ON sandboxes (tenant, idempotency_key);
     CREATE INDEX sandboxes_end ON sandboxes (end_at);
     """,
+    # 3: a sandbox whose ports are not public holds the token their traffic must carry
+    """
+    ALTER TABLE sandboxes ADD COLUMN traffic_token TEXT;
+    """,
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from coppice.config import Limits
@@ -74,6 +75,10 @@ class Substrate(Protocol):
 
     def destroy(self, entry_id: str, handle: Handle | None) -> None:
         """Remove every host object of the entry; safe on half-built and already-gone ones."""
+
+    def console_log(self, entry_id: str) -> Path:
+        """The file holding what the sandbox's init, agent and start command print (its
+        logs, as the gateway serves them); it may not exist yet."""
 
     def host_objects(self) -> HostObjects:
         """Which entry ids own processes, mounts, cgroups, links or directories right now."""

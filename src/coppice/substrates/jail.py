@@ -307,6 +307,9 @@ class JailSubstrate:
             diagnostics=lambda: self.console_tail(spec.entry_id),
         )
 
+    def console_log(self, entry_id: str) -> Path:
+        return self.entry_dir(entry_id) / "console.log"
+
     def console_tail(self, entry_id: str, lines: int = 5) -> str:
         try:
             text = (self.entry_dir(entry_id) / "console.log").read_text(errors="replace")

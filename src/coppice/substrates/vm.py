@@ -229,6 +229,9 @@ class VmSubstrate:
         )
         qemu_process.wait_until_idle(int(handle["pid"]), timeout_s=SETTLE_TIMEOUT_S)
 
+    def console_log(self, entry_id: str) -> Path:
+        return self.entry_dir(entry_id) / "console.log"
+
     def console_tail(self, entry_id: str, lines: int = 5) -> str:
         parts = []
         for name in ("console.log", "qemu.log"):
