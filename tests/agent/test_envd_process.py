@@ -6,7 +6,7 @@ import json
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +37,7 @@ from coppice_agent.rpc.process.process_pb import (
     StreamInputRequest,
     UpdateRequest,
 )
-from tests.agent.envd_harness import EnvdServer, basic_auth, running_envd
+from tests.agent.envd_harness import EnvdServer, basic_auth, running_envd, wait_until
 
 KEEPALIVE = 0.2
 
@@ -152,15 +152,6 @@ def live_group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry.name))
     return members
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_run_streams_stdout_stderr_and_exit(client: ProcessClientSync) -> None:

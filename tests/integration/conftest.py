@@ -23,7 +23,7 @@ from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
 from coppice.substrates.vm import VmSubstrate
 
-from .gateway_process import GatewayProcess, point_sdk_at
+from .gateway_process import GatewayProcess, sdk_pointed_at
 from .hostscan import HostSnapshot
 
 pytestmark = pytest.mark.integration
@@ -158,12 +158,8 @@ def gateway(
     gw = GatewayProcess(
         cli_env, instance_dir / "gateway.log", COPPICE_POOL_TARGETS=f"python={SDK_POOL}"
     ).start()
-    saved = dict(os.environ)
-    point_sdk_at(gw)
     try:
-        yield gw
+        with sdk_pointed_at(gw):
+            yield gw
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        gw.stop()
         controller.drain(template.name)

@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -79,7 +81,31 @@ class GatewayProcess:
         }
 
 
+def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0) -> bool:
+    """Poll until `predicate` is truthy; False if the deadline passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def point_sdk_at(gateway: GatewayProcess) -> None:
     os.environ.pop("E2B_DEBUG", None)
     os.environ.pop("E2B_DOMAIN", None)
     os.environ.update(gateway.sdk_env())
+
+
+@contextmanager
+def sdk_pointed_at(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
+    """The SDK's environment points at `gateway` while inside; afterwards the environment is
+    as before and the gateway stopped."""
+    saved = dict(os.environ)
+    point_sdk_at(gateway)
+    try:
+        yield gateway
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        gateway.stop()

@@ -27,7 +27,7 @@ from e2b.connection_config import ConnectionConfig
 from e2b.sandbox.sandbox_api import SandboxQuery
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
-from .gateway_process import API_KEY, GatewayProcess
+from .gateway_process import API_KEY, GatewayProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,20 +57,11 @@ def sbx(gateway: GatewayProcess) -> Iterator[Sandbox]:
         sandbox.kill()
 
 
-def _wait_for(predicate: object, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _serve_echo(sandbox: Sandbox) -> None:
     sandbox.files.write("/tmp/echo.py", ECHO_SERVER)
     sandbox.commands.run("python3 /tmp/echo.py", background=True)
     probe = "python3 -c \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000')\""
-    assert _wait_for(lambda: sandbox.commands.run(f"{probe} && echo up || true").stdout, 15)
+    assert wait_for(lambda: sandbox.commands.run(f"{probe} && echo up || true").stdout, 15)
 
 
 def _port(gateway: GatewayProcess, sandbox_id: str, port: int, **headers: str) -> httpx.Response:
@@ -159,7 +150,7 @@ def test_watch_events_include_the_entry(sbx: Sandbox) -> None:
             events.extend(handle.get_new_events())
             return bool(events)
 
-        assert _wait_for(arrived, 10)
+        assert wait_for(arrived, 10)
         entries = [getattr(e, "entry", None) for e in events]
         assert any(e is not None and e.name == "new.txt" for e in entries)
     finally:
@@ -201,7 +192,8 @@ def test_run_code_when_its_sandbox_is_killed_raises_timeout(gateway: GatewayProc
 
 def test_a_download_cut_short_by_a_kill_is_not_whole(gateway: GatewayProcess) -> None:
     sbx = Sandbox.create()
-    sbx.commands.run("head -c 200M /dev/zero > /tmp/big.bin")
+    # Sparse: 200 MB to read, none of it written (writing it under load took over a minute).
+    sbx.commands.run("truncate -s 200M /tmp/big.bin")
     received = 0
     with (
         pytest.raises(httpx.TransportError),
@@ -240,7 +232,7 @@ def test_a_command_timeout_raises_timeout_in_the_sync_sdk(sbx: Sandbox) -> None:
 def test_set_timeout_zero_expires_the_sandbox_now(gateway: GatewayProcess) -> None:
     sbx = Sandbox.create()
     sbx.set_timeout(0)
-    assert _wait_for(lambda: not sbx.is_running(), 10)
+    assert wait_for(lambda: not sbx.is_running(), 10)
     assert Sandbox.kill(sbx.sandbox_id) is False
 
 

@@ -30,18 +30,9 @@ from e2b_code_interpreter import Sandbox as CodeSandbox
 from coppice.pool.controller import PoolController
 from coppice.substrates.jail import JailSubstrate
 
-from .gateway_process import API_KEY, OTHER_TENANT_KEY, GatewayProcess
+from .gateway_process import API_KEY, OTHER_TENANT_KEY, GatewayProcess, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _wait_for(predicate: object, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # -- the core SDK flow (spec §6.3) ------------------------------------------------------------
@@ -241,11 +232,11 @@ def test_killing_a_process_tree(gateway: GatewayProcess) -> None:
     sbx = Sandbox.create()
     try:
         h = sbx.commands.run("sh -c 'sleep 300 & sleep 300 & wait'", background=True)
-        assert _wait_for(
+        assert wait_for(
             lambda: sbx.commands.run("pgrep -c -x sleep || true").stdout.strip() == "2", 10
         )
         assert sbx.commands.kill(h.pid) is True
-        assert _wait_for(
+        assert wait_for(
             lambda: sbx.commands.run("pgrep -c -x sleep || true").stdout.strip() == "0", 10
         )
     finally:
@@ -271,7 +262,7 @@ def test_listing_by_metadata_and_tenants(gateway: GatewayProcess) -> None:
 def test_timeout_expiring_kills_the_sandbox(gateway: GatewayProcess) -> None:
     sbx = Sandbox.create(timeout=2)
     assert sbx.commands.run("true").exit_code == 0
-    assert _wait_for(lambda: not sbx.is_running(), 15)
+    assert wait_for(lambda: not sbx.is_running(), 15)
     assert Sandbox.kill(sbx.sandbox_id) is False
 
 

@@ -15,7 +15,7 @@ from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
 
 from .conftest import run_cli
-from .gateway_process import GatewayProcess, point_sdk_at
+from .gateway_process import GatewayProcess, sdk_pointed_at
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -41,14 +41,10 @@ def vm_gateway(
     gw = GatewayProcess(
         cli_env, instance_dir / "gateway-vm.log", COPPICE_POOL_TARGETS=f"{vm_template.name}=2"
     ).start(timeout_s=600)
-    saved = dict(os.environ)
-    point_sdk_at(gw)
     try:
-        yield gw
+        with sdk_pointed_at(gw):
+            yield gw
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        gw.stop()
         controller.drain(vm_template.name)
 
 

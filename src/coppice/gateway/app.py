@@ -285,13 +285,15 @@ async def metrics(request: Request) -> Response:
     return JSONResponse([])
 
 
+async def _catalog_json(gw: Gateway) -> list[dict[str, Any]]:
+    records = await _run(gw.service.catalog.all)
+    return [template_json(t, aliases_of(t.name), gw.service.limits(t.name)) for t in records]
+
+
 async def templates(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     _who(request, KeyScope.READ)
-    records = await _run(gw.service.catalog.all)
-    return JSONResponse(
-        [template_json(t, aliases_of(t.name), gw.service.limits(t.name)) for t in records]
-    )
+    return JSONResponse(await _catalog_json(gw))
 
 
 async def templates_v2(request: Request) -> Response:
@@ -302,10 +304,7 @@ async def templates_v2(request: Request) -> Response:
         raise InvalidRequest(f"unknown query parameter(s) {unknown}")
     if request.query_params.get("nextToken"):
         return JSONResponse([])  # every template fits on the first page
-    records = await _run(gw.service.catalog.all)
-    return JSONResponse(
-        [template_json(t, aliases_of(t.name), gw.service.limits(t.name)) for t in records]
-    )
+    return JSONResponse(await _catalog_json(gw))
 
 
 async def template_detail(request: Request) -> Response:
