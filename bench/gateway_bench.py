@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from coppice.config import Settings
-from coppice.pool.lifecycle import State
+from coppice.lifecycle import State
 from coppice.store.store import Store
 from latency_stats import percentiles
 

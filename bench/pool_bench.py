@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from coppice.config import Settings
+from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
-from coppice.pool.lifecycle import State
 from coppice.substrates.base import AGENT_PORT, SSH_PORT
 from coppice.substrates.readiness import agent_health, ssh_banner
 from latency_stats import percentiles

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from coppice.errors import CoppiceError
 from coppice.images.keys import PoolKey
+from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
-from coppice.pool.lifecycle import State
 from coppice.substrates.base import SSH_PORT
 from coppice.substrates.readiness import ssh_banner
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
-from coppice.pool.lifecycle import State
 from coppice.store.records import TemplateRecord
 
 from .conftest import run_cli

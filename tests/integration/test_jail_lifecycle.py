@@ -10,8 +10,8 @@ import pytest
 
 from coppice.errors import EntryNotFound, IllegalTransition, PoolExhausted
 from coppice.images.keys import PoolKey
+from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
-from coppice.pool.lifecycle import State
 from coppice.smoke import ssh_command
 from coppice.substrates.base import AGENT_PORT
 from coppice.substrates.readiness import agent_health, ssh_banner

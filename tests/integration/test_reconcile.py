@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
-from coppice.pool.lifecycle import State
 from coppice.substrates.base import AGENT_PORT
 from coppice.substrates.readiness import agent_health
 

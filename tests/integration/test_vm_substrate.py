@@ -10,10 +10,10 @@ import time
 import pytest
 
 from coppice.images.keys import PoolKey
-from coppice.net.ipam import mac_for
+from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
-from coppice.pool.lifecycle import State
 from coppice.smoke import ssh_command
+from coppice.store.ipam import mac_for
 from coppice.store.records import EntryRecord
 from coppice.substrates import qemu_process
 from coppice.substrates.base import AGENT_PORT

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coppice.net import ipam
+from coppice.store import ipam
 
 NET = ipaddress.IPv4Network("10.78.0.0/24")
 RANGE = [NET.network_address + i for i in range(50, 62)]

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from coppice.errors import Conflict, IllegalTransition
-from coppice.pool.lifecycle import (
+from coppice.lifecycle import (
     LIVE_STATES,
     STATE_DEADLINES_S,
     TRANSIENT_STATES,

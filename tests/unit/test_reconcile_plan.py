@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from coppice.pool.lifecycle import LIVE_STATES, TRANSIENT_STATES, State
+from coppice.lifecycle import LIVE_STATES, TRANSIENT_STATES, State
 from coppice.pool.reconcile import Observation, ReconcilePlan, plan
 from coppice.store.records import EntryRecord
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from coppice.errors import CapacityExceeded, PoolExhausted
-from coppice.pool.lifecycle import Event, State
-from coppice.processes import ProcessIdentity
+from coppice.host.processes import ProcessIdentity
+from coppice.lifecycle import Event, State
 from coppice.store.store import Store
 
 NETWORK = ipaddress.IPv4Network("10.78.0.0/24")

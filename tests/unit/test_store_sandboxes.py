@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from coppice.errors import PoolExhausted
-from coppice.pool.lifecycle import Event, State
-from coppice.processes import ProcessIdentity
+from coppice.host.processes import ProcessIdentity
+from coppice.lifecycle import Event, State
 from coppice.store.records import SandboxRecord
 from coppice.store.store import Store
 

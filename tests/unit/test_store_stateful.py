@@ -23,8 +23,8 @@ from hypothesis.stateful import (
 )
 
 from coppice.errors import CapacityExceeded, EntryNotFound, IllegalTransition, PoolExhausted
-from coppice.pool.lifecycle import Action, Event, State, transition
-from coppice.processes import ProcessIdentity
+from coppice.host.processes import ProcessIdentity
+from coppice.lifecycle import Action, Event, State, transition
 from coppice.store.store import Store
 
 NETWORK = ipaddress.IPv4Network("10.78.0.0/24")

@@ -71,8 +71,8 @@ from coppice.gateway.wire import (
     template_json,
     timeout_value,
 )
+from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
-from coppice.pool.lifecycle import State
 from coppice.store.records import HandedOut
 from coppice.substrates.base import AGENT_PORT
 

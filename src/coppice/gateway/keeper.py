@@ -12,8 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from coppice.errors import CoppiceError, EntryNotFound, IllegalTransition
+from coppice.lifecycle import Event
 from coppice.pool.controller import PoolController
-from coppice.pool.lifecycle import Event
 from coppice.store.store import Applied
 
 log = logging.getLogger("coppice.keeper")

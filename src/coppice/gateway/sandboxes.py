@@ -23,8 +23,8 @@ from coppice.gateway.catalog import TemplateCatalog
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.wire import CreateRequest, ListQuery, encode_token, state_of
 from coppice.images.recipes import RECIPES
+from coppice.lifecycle import Event, State
 from coppice.pool.controller import PoolController
-from coppice.pool.lifecycle import Event, State
 from coppice.store.records import EntryRecord, HandedOut, SandboxRecord, TemplateRecord
 
 

@@ -15,9 +15,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from coppice.config import NetworkSettings
 from coppice.errors import SubstrateError
+from coppice.host import mounts
 from coppice.net.bridge import HostBridge
-from coppice.net.ipam import mac_for
-from coppice.substrates import mounts
+from coppice.store.ipam import mac_for
 
 NETNS_DIR = Path("/run/netns")
 HOST_LINK_PREFIX = "copp"

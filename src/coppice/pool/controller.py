@@ -23,10 +23,10 @@ from coppice.errors import (
     SandboxDied,
     SubstrateError,
 )
+from coppice.host.processes import ProcessIdentity
 from coppice.images.recipes import RECIPES
+from coppice.lifecycle import Action, Event, State
 from coppice.pool import reconcile as reconcile_rules
-from coppice.pool.lifecycle import Action, Event, State
-from coppice.processes import ProcessIdentity
 from coppice.progress import Progress, SilentProgress
 from coppice.store.records import EntryRecord, SandboxRecord, TemplateRecord
 from coppice.store.store import Applied, Store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from coppice.pool.lifecycle import LIVE_STATES, TRANSIENT_STATES
+from coppice.lifecycle import LIVE_STATES, TRANSIENT_STATES
 from coppice.store.records import EntryRecord
 
 

@@ -7,7 +7,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from coppice.pool.lifecycle import State
+from coppice.lifecycle import State
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from coppice.errors import (
     PoolExhausted,
     TemplateNotFound,
 )
-from coppice.net import ipam
-from coppice.pool.lifecycle import Action, Event, State, deadline_for, transition
-from coppice.processes import ProcessIdentity
+from coppice.host.processes import ProcessIdentity
+from coppice.lifecycle import Action, Event, State, deadline_for, transition
+from coppice.store import ipam
 from coppice.store.records import (
     ENTRY_COLUMNS,
     SANDBOX_COLUMNS,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from coppice.config import Limits
-from coppice.processes import ProcessIdentity
+from coppice.host.processes import ProcessIdentity
 from coppice.store.records import TemplateRecord
 
 #: where the in-sandbox agent listens (the port E2B's envd uses)

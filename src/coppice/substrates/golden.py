@@ -31,9 +31,9 @@ from pathlib import Path
 
 from coppice.config import Limits, Settings
 from coppice.errors import SubstrateError
-from coppice.net.ipam import mac_for
+from coppice.host.processes import ProcessIdentity
 from coppice.net.tap import GOLDEN_PREFIX, TapDevices
-from coppice.processes import ProcessIdentity
+from coppice.store.ipam import mac_for
 from coppice.store.records import TemplateRecord
 from coppice.substrates import qemu_process, readiness
 from coppice.substrates.base import AGENT_PORT, SSH_PORT

@@ -17,6 +17,7 @@ The launch is a chain of execs, so the recorded pid stays the jail's top process
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -26,10 +27,11 @@ from pathlib import Path
 
 from coppice.config import Settings
 from coppice.errors import HostResourceExhausted, PrerequisiteMissing, SubstrateError
+from coppice.host import mounts
+from coppice.host.processes import ProcessIdentity
 from coppice.images.keys import generate_ed25519
 from coppice.net.sandbox_link import SandboxLink
-from coppice.processes import ProcessIdentity
-from coppice.substrates import cgroups, mounts, readiness, seccomp
+from coppice.substrates import cgroups, readiness, seccomp
 from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec, head_alive
 
 INIT_PATH = "/usr/lib/coppice/init"
@@ -153,23 +155,31 @@ class JailSubstrate:
         entry_dir = self.entry_dir(spec.entry_id)
         merged = entry_dir / "merged"
         entry_dir.mkdir(parents=True, exist_ok=False)
-        mounts.mount(
-            "tmpfs",
-            entry_dir,
-            "tmpfs",
-            mounts.MS_NOSUID | mounts.MS_NODEV,
-            f"size={spec.limits.disk_mb}m,mode=0755",
-        )
-        for sub in ("upper", "work", "merged"):
-            (entry_dir / sub).mkdir()
-        os.chown(entry_dir / "upper", base, base)
-        mounts.mount(
-            "overlay",
-            merged,
-            "overlay",
-            0,
-            f"lowerdir={spec.template.rootfs},upperdir={entry_dir}/upper,workdir={entry_dir}/work",
-        )
+        try:
+            mounts.mount(
+                "tmpfs",
+                entry_dir,
+                "tmpfs",
+                mounts.MS_NOSUID | mounts.MS_NODEV,
+                f"size={spec.limits.disk_mb}m,mode=0755",
+            )
+            for sub in ("upper", "work", "merged"):
+                (entry_dir / sub).mkdir()
+            os.chown(entry_dir / "upper", base, base)
+            lower = spec.template.rootfs
+            mounts.mount(
+                "overlay",
+                merged,
+                "overlay",
+                0,
+                f"lowerdir={lower},upperdir={entry_dir}/upper,workdir={entry_dir}/work",
+            )
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise HostResourceExhausted(
+                    f"{exc}; free disk space or memory on the host"
+                ) from exc
+            raise SubstrateError(str(exc)) from exc
         self._inject_identity(merged, spec)
         self.cgroups.create(spec.entry_id, spec.limits)
         self.link.create(spec.entry_id, spec.ip)

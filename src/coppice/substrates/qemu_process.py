@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from coppice.errors import SubstrateError
-from coppice.processes import ProcessIdentity
+from coppice.host.processes import ProcessIdentity
 
 
 def launch(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:

@@ -29,10 +29,10 @@ from typing import Any
 
 from coppice.config import Limits, Settings
 from coppice.errors import PrerequisiteMissing, SubstrateError
+from coppice.host.processes import ProcessIdentity
 from coppice.images.keys import generate_ed25519
-from coppice.net.ipam import mac_for
 from coppice.net.tap import TapDevices, entry_tap_name
-from coppice.processes import ProcessIdentity
+from coppice.store.ipam import mac_for
 from coppice.store.records import TemplateRecord
 from coppice.substrates import accel, qemu_process, readiness
 from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec, head_alive

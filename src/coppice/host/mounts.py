@@ -11,8 +11,6 @@ import ctypes.util
 import os
 from pathlib import Path
 
-from coppice.errors import HostResourceExhausted, SubstrateError
-
 MNT_DETACH = 2
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -29,13 +27,11 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def mount(source: str, target: Path, fstype: str, flags: int = 0, data: str = "") -> None:
+    """Raises OSError (errno set, ENOSPC when the host is out of room) on failure."""
     rc = _libc.mount(source.encode(), str(target).encode(), fstype.encode(), flags, data.encode())
     if rc != 0:
         err = ctypes.get_errno()
-        message = f"cannot mount {fstype} on {target}: {os.strerror(err)}"
-        if err == 28:  # ENOSPC
-            raise HostResourceExhausted(message + "; free disk space or memory on the host")
-        raise SubstrateError(message)
+        raise OSError(err, f"cannot mount {fstype} on {target}: {os.strerror(err)}")
 
 
 def unmount(target: Path) -> None:
@@ -49,7 +45,7 @@ def unmount(target: Path) -> None:
         return
     if err == 2:  # ENOENT
         return
-    raise SubstrateError(f"cannot unmount {target}: {os.strerror(err)}")
+    raise OSError(err, f"cannot unmount {target}: {os.strerror(err)}")
 
 
 def mounts_under(prefix: Path) -> list[Path]:
