@@ -53,7 +53,7 @@ def main() -> None:
     c.drain(t.name)
     vm.prepare_host()
     try:
-        vm.remove_golden(t.name)
+        vm.forget_template(t.name)
         t0 = time.perf_counter()
         vm.golden(t, c.settings.limits)
         cold_ms = (time.perf_counter() - t0) * 1000
@@ -62,11 +62,12 @@ def main() -> None:
         assert not report.failures, report.failures
         rate = len(report.started) / report.seconds
         entries = c.list(t.name)
-        restores = [float((e.handle or {}).get("restore_ms", 0.0)) for e in entries]
-        identities = [float((e.handle or {}).get("identity_ms", 0.0)) for e in entries]
+        handles = [e.handle for e in entries if e.handle is not None]
+        restores = [float(h.driver.get("restore_ms", 0.0)) for h in handles]
+        identities = [float(h.driver.get("identity_ms", 0.0)) for h in handles]
         time.sleep(2)  # paused clones settle (no page is touched while stopped)
-        pss = [pss_mb(int((e.handle or {})["pid"])) for e in entries]
-        accel = (entries[0].handle or {}).get("accel", "?")
+        pss = [pss_mb(e.pid) for e in entries if e.pid is not None]
+        accel = handles[0].detail if handles and handles[0].detail else "?"
 
         first, _ = timed_checkouts(
             c, t.name, args.iterations, lambda ip: agent_health(ip, AGENT_PORT)

@@ -94,7 +94,7 @@ class SmokeRig:
             banner = ssh_banner(e.ip, SSH_PORT, timeout_s=5.0)
             r.ssh_ready_ms = (time.perf_counter() - t0) * 1000
             state.update(first=e.id, ip=e.ip)
-            pid = (e.handle or {}).get("pid")
+            pid = e.pid
             return f"id={e.id} ip={e.ip} pid={pid}; {banner}"
 
         def python() -> str:

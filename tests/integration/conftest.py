@@ -21,7 +21,6 @@ from coppice.images.builder import TemplateBuilder
 from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
-from coppice.substrates.vm import VmSubstrate
 
 from .gateway_process import GatewayProcess, sdk_pointed_at
 from .hostscan import HostSnapshot
@@ -127,9 +126,7 @@ def vm_template(controller: PoolController) -> Iterator[TemplateRecord]:
     record, _built = TemplateBuilder(controller.settings, controller.store).build("python-vm")
     yield record
     controller.drain(record.name)
-    vm = controller.substrates.get("vm")
-    if isinstance(vm, VmSubstrate):
-        vm.remove_golden(record.name)
+    controller.substrate("vm").forget_template(record.name)
 
 
 @pytest.fixture()

@@ -118,7 +118,8 @@ def test_template_rebuild_is_cached(template: TemplateRecord, cli_env: dict[str,
 def test_sandboxes_outlive_the_command(pool: PoolController, cli_env: dict[str, str]) -> None:
     assert run_cli(cli_env, "pool", "warm", "python", "--count", "1").returncode == 0
     (entry,) = pool.list("python")
-    pid = int((entry.handle or {})["pid"])
+    pid = entry.pid
+    assert pid is not None
     assert Path(f"/proc/{pid}").exists()
     assert os.getpgid(pid) != os.getpgid(0)
 

@@ -120,7 +120,8 @@ def test_jail_isolation(pool: PoolController) -> None:
     assert a.hostname in report
 
     # The jail's processes run as the mapped uid on the host, not as root.
-    pid = int((a.handle or {})["pid"])
+    pid = a.pid
+    assert pid is not None
     status = Path(f"/proc/{pid}/status").read_text()
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
     assert uid_line.split()[1] == str(pool.settings.jail_uid_base)

@@ -35,7 +35,8 @@ def test_kill9_of_a_sandbox_is_replaced(pool: PoolController) -> None:
     # A running (checked-out) sandbox: the v1 freezer holds signals to frozen ones until thaw.
     victim = pool.checkout("python")
     (survivor,) = [e for e in pool.list("python") if e.id != victim.id]
-    os.kill(int((victim.handle or {})["pid"]), signal.SIGKILL)
+    assert victim.pid is not None
+    os.kill(victim.pid, signal.SIGKILL)
     time.sleep(0.2)
 
     report = pool.reconcile()

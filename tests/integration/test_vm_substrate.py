@@ -66,7 +66,7 @@ def test_clones_warm_check_out_with_their_own_identity_and_leave_nothing(
     entries = pool.list(TEMPLATE)
     assert [e.state for e in entries] == [State.AVAILABLE, State.AVAILABLE]
     for e in entries:
-        assert e.handle is not None and e.handle["accel"] in ("tcg", "kvm")
+        assert e.handle is not None and e.handle.detail in ("tcg", "kvm")
         with pytest.raises(OSError):
             agent_health(e.ip, AGENT_PORT, timeout_s=0.3)  # paused: nothing answers
 
@@ -109,7 +109,8 @@ def test_reconcile_replaces_a_clone_whose_qemu_was_killed(vm_pool: PoolControlle
     assert not pool.warm(TEMPLATE, 1).failures
     (victim,) = pool.list(TEMPLATE)
     assert victim.handle is not None
-    os.kill(int(victim.handle["pid"]), signal.SIGKILL)
+    assert victim.pid is not None
+    os.kill(victim.pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while _vm(pool).is_alive(victim.id, victim.handle) and time.monotonic() < deadline:
         time.sleep(0.05)

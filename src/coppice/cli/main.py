@@ -21,7 +21,7 @@ from coppice.pool.controller import PoolController, ReconcileReport
 from coppice.progress import Progress
 from coppice.smoke import SmokeRig
 from coppice.store.store import Store
-from coppice.substrates.vm import VmSubstrate
+from coppice.substrates import registry
 
 
 def _settings() -> Settings:
@@ -117,9 +117,8 @@ def template_rm(name: str) -> None:
     store = Store(settings.database_path)
     substrate = store.get_template(name).substrate
     TemplateBuilder(settings, store).remove(name)
-    if substrate == "vm":
-        # The golden snapshot (its RAM file lives in /dev/shm) goes with the template.
-        VmSubstrate(settings).remove_golden(name)
+    # What the driver keeps per template (a VM's golden snapshot, RAM in /dev/shm) goes too.
+    registry.load(substrate, settings).forget_template(name)
     out.print(f"removed template {name}")
 
 
@@ -177,7 +176,7 @@ def pool_checkout(template_name: str, as_json: bool) -> None:
     t0 = time.perf_counter()
     e = c.checkout(template_name)
     ms = (time.perf_counter() - t0) * 1000
-    pid = (e.handle or {}).get("pid")
+    pid = e.pid
     if as_json:
         click.echo(json.dumps({"id": e.id, "ip": e.ip, "pid": pid, "checkout_ms": ms}))
     else:
@@ -239,7 +238,12 @@ def ssh(entry_id: str, command: tuple[str, ...]) -> None:
 @click.option(
     "--template", "template_name", default=None, help="Default: the substrate's python template."
 )
-@click.option("--substrate", type=click.Choice(["jail", "vm"]), default="jail", show_default=True)
+@click.option(
+    "--substrate",
+    type=click.Choice(registry.production_names()),
+    default="jail",
+    show_default=True,
+)
 @click.option("--count", default=2, show_default=True)
 @click.option("--keep", is_flag=True, help="Warm the pool again after the gates pass.")
 def smoke(template_name: str | None, substrate: str, count: int, keep: bool) -> None:

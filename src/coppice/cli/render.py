@@ -71,13 +71,13 @@ def entries_table(entries: list[EntryRecord]) -> None:
         table.add_column(col)
     now = time.time()
     for e in entries:
-        pid = (e.handle or {}).get("pid")
+        pid = e.pid
         # A VM names its accelerator (kvm or tcg): TCG is ~10x slower, worth seeing at once.
-        accel = (e.handle or {}).get("accel")
+        detail = e.handle.detail if e.handle is not None else ""
         table.add_row(
             e.id,
             e.template,
-            f"{e.substrate} ({accel})" if accel else e.substrate,
+            f"{e.substrate} ({detail})" if detail else e.substrate,
             e.state.value,
             e.ip,
             str(pid) if pid else "-",

@@ -95,6 +95,17 @@ class Gateway:
     def template_of(self, handed: HandedOut) -> str:
         return handed.entry.template
 
+    def dial(self, handed: HandedOut, port: int = AGENT_PORT) -> tuple[str, int]:
+        """Where a sandbox port is reached: its driver says where its agent listens (the
+        E2B protocol names envd's port 49983 whatever the driver does); other ports are on
+        the same host."""
+        handle = handed.entry.handle
+        if handle is None:
+            raise SandboxUnreachable(handed.sandbox.id, port)
+        sub = self.controller.substrate(handed.entry.substrate)
+        host, agent_port = sub.agent_address(handle)
+        return host, agent_port if port == AGENT_PORT else port
+
 
 def _who(request: Request, scope: KeyScope) -> Principal:
     gw: Gateway = request.app.state.gateway
@@ -155,7 +166,8 @@ async def _init_agent(gw: Gateway, handed: HandedOut) -> None:
         "accessToken": handed.sandbox.access_token,
         "defaultUser": "user",
     }
-    url = f"http://{handed.entry.ip}:{AGENT_PORT}/init"
+    host, port = gw.dial(handed)
+    url = f"http://{host}:{port}/init"
     try:
         answer = await gw.proxy.client(handed.sandbox.id).post(url, json=body, timeout=10.0)
     except Exception as exc:
@@ -249,7 +261,11 @@ async def pause(request: Request) -> Response:
 
 
 async def _agent_answers(gw: Gateway, handed: HandedOut) -> bool:
-    url = f"http://{handed.entry.ip}:{AGENT_PORT}/health"
+    try:
+        host, port = gw.dial(handed)
+    except SandboxUnreachable:
+        return False
+    url = f"http://{host}:{port}/health"
     try:
         answer = await gw.proxy.client(handed.sandbox.id).get(url, timeout=5.0)
     except Exception:
@@ -446,7 +462,9 @@ async def relay(request: Request) -> Response:
                 f"sandbox {target.sandbox_id} is paused; connect() to it resumes it",
             )
     try:
-        return await gw.proxy.relay(request, handed, target.port)
+        if not 0 < target.port < 65536:
+            return error(400, f"E2b-Sandbox-Port {target.port} is not a port number")
+        return await gw.proxy.relay(request, handed, *gw.dial(handed, target.port))
     except SandboxUnreachable as exc:
         gw.directory.forget(target.sandbox_id)
         alive = await _run(_entry_alive, gw, handed)

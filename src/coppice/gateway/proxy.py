@@ -142,12 +142,10 @@ class SandboxProxy:
         for sandbox_id in list(self._clients):
             await self.forget(sandbox_id)
 
-    async def relay(self, request: Request, handed: HandedOut, port: int) -> Response:
-        if not 0 < port < 65536:
-            return error(400, f"E2b-Sandbox-Port {port} is not a port number")
+    async def relay(self, request: Request, handed: HandedOut, host: str, port: int) -> Response:
         url = httpx.URL(
             scheme="http",
-            host=handed.entry.ip,
+            host=host,
             port=port,
             path=request.url.path,
             query=request.url.query.encode(),

@@ -30,6 +30,7 @@ from coppice.pool import reconcile as reconcile_rules
 from coppice.progress import Progress, SilentProgress
 from coppice.store.records import EntryRecord, SandboxRecord, TemplateRecord
 from coppice.store.store import Applied, Store
+from coppice.substrates import registry
 from coppice.substrates.base import SpawnSpec, Substrate
 
 
@@ -54,13 +55,6 @@ class ReconcileReport:
         return bool(self.replaced or self.finished_teardowns or self.leftovers_removed)
 
 
-def default_substrates(settings: Settings) -> dict[str, Substrate]:
-    from coppice.substrates.jail import JailSubstrate
-    from coppice.substrates.vm import VmSubstrate
-
-    return {"jail": JailSubstrate(settings), "vm": VmSubstrate(settings)}
-
-
 class PoolController:
     def __init__(
         self,
@@ -71,7 +65,9 @@ class PoolController:
     ) -> None:
         self.settings = settings
         self.store = store or Store(settings.database_path)
-        self.substrates = substrates if substrates is not None else default_substrates(settings)
+        self.substrates = (
+            substrates if substrates is not None else registry.production_substrates(settings)
+        )
         self.progress = progress or SilentProgress()
         #: replace returned or dead entries right away; a service that refills its pools in
         #: the background turns this off so that returns answer at once
@@ -93,8 +89,7 @@ class PoolController:
         return SpawnSpec(entry.id, template, entry.ip, entry.hostname, self._limits(template))
 
     def _addresses(self, substrate: str) -> list[object]:
-        net = self.settings.jail_network if substrate == "jail" else self.settings.vm_network
-        return list(net.host_addresses())
+        return list(self.substrate(substrate).network.host_addresses())
 
     def _reserve(self, template: TemplateRecord, count: int) -> list[EntryRecord]:
         return self.store.reserve(
@@ -140,9 +135,7 @@ class PoolController:
     def _bring_up_all(
         self, template: TemplateRecord, entries: list[EntryRecord], report: WarmReport
     ) -> None:
-        limit = self.settings.spawn_parallelism
-        if template.substrate == "vm":
-            limit = min(limit, self.settings.vm_spawn_parallelism)
+        limit = self.substrate(template.substrate).spawn_parallelism
         workers = max(1, min(len(entries), limit))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="warm") as pool:
             futures = [pool.submit(self._bring_up, template, e) for e in entries]
@@ -161,7 +154,7 @@ class PoolController:
             handle = sub.spawn(spec)
             self.store.set_handle(entry.id, handle)
             sub.wait_ready(spec, handle, self.settings.ready_timeout_s)
-            sub.pause(entry.id)
+            sub.pause(entry.id, handle)
             return self.store.apply(entry.id, Event.READY).entry
         except (CoppiceError, OSError) as exc:
             error = exc if isinstance(exc, CoppiceError) else SubstrateError(str(exc))
@@ -181,7 +174,7 @@ class PoolController:
             try:
                 if not sub.is_alive(entry.id, entry.handle):
                     raise SandboxDied(entry.id)
-                sub.resume(entry.id)
+                sub.resume(entry.id, entry.handle)
                 return entry
             except SubstrateError as exc:
                 # A dead entry is replaced and the next one is tried; the caller never sees
@@ -206,7 +199,7 @@ class PoolController:
             # Between READY and here it was available to everyone, and another checkout
             # took it; the pool then holds something this caller may take instead.
             return self.checkout(template.name, sandbox)
-        sub.resume(entry.id)
+        sub.resume(entry.id, entry.handle)
         return entry
 
     def return_entry(self, entry_id: str) -> EntryRecord | None:
@@ -291,9 +284,9 @@ class PoolController:
         for action in applied.actions:
             sub = self.substrate(entry.substrate)
             if action is Action.RESUME:
-                sub.resume(entry.id)
+                sub.resume(entry.id, entry.handle)
             elif action is Action.PAUSE:
-                sub.pause(entry.id)
+                sub.pause(entry.id, entry.handle)
             elif action is Action.DESTROY:
                 sub.destroy(entry.id, entry.handle)
                 self.store.apply(entry.id, Event.DESTROYED)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from coppice.host.processes import ProcessIdentity
 from coppice.lifecycle import State
 
 
@@ -26,6 +27,54 @@ class TemplateRecord:
 
 
 @dataclass(frozen=True)
+class HeadProcess:
+    """The host process whose life is the sandbox's: pid plus start time, so that any later
+    process can tell it from a reused pid."""
+
+    pid: int
+    start_time: int
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        return ProcessIdentity(self.pid, self.start_time)
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What a substrate hands back for a sandbox it started, stored with the entry: the part
+    every driver has (its head process; a short `detail` for listings, such as a VM's
+    accelerator) and the driver's own part, which only that driver reads."""
+
+    head: HeadProcess | None
+    detail: str = ""
+    driver: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        head = None if self.head is None else {"pid": self.head.pid, "start": self.head.start_time}
+        return {"head": head, "detail": self.detail, "driver": self.driver}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Handle:
+        if "driver" not in data:
+            return cls._from_flat(data)
+        head = data.get("head")
+        return cls(
+            head=None if head is None else HeadProcess(int(head["pid"]), int(head["start"])),
+            detail=str(data.get("detail") or ""),
+            driver=dict(data["driver"]),
+        )
+
+    @classmethod
+    def _from_flat(cls, data: dict[str, Any]) -> Handle:
+        """Handles written before they were typed: one flat object (entries that survive an
+        upgrade, reconciled or torn down by the new code)."""
+        own = {k: v for k, v in data.items() if k not in ("pid", "pid_start")}
+        pid, start = data.get("pid"), data.get("pid_start")
+        head = None if pid is None or start is None else HeadProcess(int(pid), int(start))
+        return cls(head=head, detail=str(data.get("accel") or ""), driver=own)
+
+
+@dataclass(frozen=True)
 class EntryRecord:
     id: str
     template: str
@@ -33,7 +82,7 @@ class EntryRecord:
     state: State
     ip: str
     hostname: str
-    handle: dict[str, Any] | None
+    handle: Handle | None
     owner_pid: int | None
     owner_start: int | None
     deadline: float | None
@@ -50,8 +99,14 @@ class EntryRecord:
     def from_mapping(cls, data: dict[str, Any]) -> EntryRecord:
         data = dict(data)
         data["state"] = State(data["state"])
-        data["handle"] = json.loads(data["handle"]) if data["handle"] else None
+        data["handle"] = Handle.from_json(json.loads(data["handle"])) if data["handle"] else None
         return cls(**data)
+
+    @property
+    def pid(self) -> int | None:
+        """The head process's pid, if it has one (for listings and `coppice ssh`)."""
+        head = self.handle.head if self.handle is not None else None
+        return head.pid if head is not None else None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -61,8 +116,8 @@ class EntryRecord:
             "state": self.state.value,
             "ip": self.ip,
             "hostname": self.hostname,
-            "pid": (self.handle or {}).get("pid"),
-            "accel": (self.handle or {}).get("accel"),
+            "pid": self.pid,
+            "detail": self.handle.detail if self.handle is not None else "",
             "created_at": self.created_at,
             "ready_at": self.ready_at,
             "checked_out_at": self.checked_out_at,

@@ -35,6 +35,7 @@ from coppice.store.records import (
     SANDBOX_COLUMNS,
     EntryRecord,
     HandedOut,
+    Handle,
     SandboxRecord,
     TemplateRecord,
 )
@@ -195,11 +196,11 @@ class Store:
                 ids.append(entry_id)
         return [self.get(i) for i in ids]
 
-    def set_handle(self, entry_id: str, handle: dict[str, Any]) -> None:
+    def set_handle(self, entry_id: str, handle: Handle) -> None:
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE entries SET handle = ?, updated_at = ? WHERE id = ?",
-                (json.dumps(handle), time.time(), entry_id),
+                (json.dumps(handle.to_json()), time.time(), entry_id),
             )
             if cur.rowcount == 0:
                 raise EntryNotFound(entry_id)

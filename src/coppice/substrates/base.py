@@ -1,33 +1,32 @@
-"""What every isolation substrate provides. Drivers do the I/O; the pool decides."""
+"""What every isolation substrate provides. Drivers do the I/O; the pool decides.
+
+A driver is one module implementing `Substrate` plus one line in `registry.DRIVERS`. What
+several drivers need alike (their children table, the teardown collector, the prerequisite
+checks) lives in `children.py`, `teardown.py` and `prerequisites.py`, once.
+"""
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from coppice.config import Limits
-from coppice.host.processes import ProcessIdentity
-from coppice.store.records import TemplateRecord
+from coppice.config import Limits, NetworkSettings
+from coppice.store.records import Handle, HeadProcess, TemplateRecord
+
+__all__ = [
+    "AGENT_PORT",
+    "SSH_PORT",
+    "Handle",
+    "HeadProcess",
+    "HostObjects",
+    "SpawnSpec",
+    "Substrate",
+]
 
 #: where the in-sandbox agent listens (the port E2B's envd uses)
 AGENT_PORT = 49983
 SSH_PORT = 22
-
-Handle = dict[str, Any]
-"""Plain JSON data stored with the entry: enough for any later process to find and clean up
-the sandbox (pids with their start times, paths, addresses)."""
-
-
-def head_alive(child: subprocess.Popen[bytes] | None, handle: Handle | None) -> bool:
-    """Is a sandbox's head process running? `child` is our own Popen when this process
-    started it (exit seen without a /proc race); `handle` identifies it for any process."""
-    if child is not None and child.poll() is not None:
-        return False
-    if not handle or handle.get("pid") is None or handle.get("pid_start") is None:
-        return False
-    return ProcessIdentity(int(handle["pid"]), int(handle["pid_start"])).is_running()
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,14 @@ class HostObjects:
 class Substrate(Protocol):
     name: str
 
+    @property
+    def network(self) -> NetworkSettings:
+        """The address range this driver's entries draw from."""
+
+    @property
+    def spawn_parallelism(self) -> int:
+        """How many entries this driver may bring up at once on this host."""
+
     def check_prerequisites(self) -> None:
         """Raise PrerequisiteMissing naming the fix when the host cannot run this substrate."""
 
@@ -67,11 +74,15 @@ class Substrate(Protocol):
     def wait_ready(self, spec: SpawnSpec, handle: Handle, timeout_s: float) -> None:
         """Block until the sandbox answers on SSH and its agent, or raise SandboxNotReady."""
 
-    def pause(self, entry_id: str) -> None: ...
+    def pause(self, entry_id: str, handle: Handle | None) -> None: ...
 
-    def resume(self, entry_id: str) -> None: ...
+    def resume(self, entry_id: str, handle: Handle | None) -> None: ...
 
     def is_alive(self, entry_id: str, handle: Handle | None) -> bool: ...
+
+    def agent_address(self, handle: Handle) -> tuple[str, int]:
+        """Where the gateway reaches the sandbox's agent (host and port): a local address
+        here, a node's forwarded port for a remote driver."""
 
     def destroy(self, entry_id: str, handle: Handle | None) -> None:
         """Remove every host object of the entry; safe on half-built and already-gone ones."""
@@ -79,6 +90,10 @@ class Substrate(Protocol):
     def console_log(self, entry_id: str) -> Path:
         """The file holding what the sandbox's init, agent and start command print (its
         logs, as the gateway serves them); it may not exist yet."""
+
+    def forget_template(self, template_name: str) -> None:
+        """The template was removed: drop what this driver keeps for it (a VM's golden
+        snapshot); nothing for drivers that keep nothing."""
 
     def host_objects(self) -> HostObjects:
         """Which entry ids own processes, mounts, cgroups, links or directories right now."""

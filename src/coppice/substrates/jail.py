@@ -20,19 +20,27 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import shutil
 import subprocess
-import threading
 from pathlib import Path
 
-from coppice.config import Settings
+from coppice.config import NetworkSettings, Settings
 from coppice.errors import HostResourceExhausted, PrerequisiteMissing, SubstrateError
 from coppice.host import mounts
 from coppice.host.processes import ProcessIdentity
 from coppice.images.keys import generate_ed25519
 from coppice.net.sandbox_link import SandboxLink
 from coppice.substrates import cgroups, readiness, seccomp
-from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec, head_alive
+from coppice.substrates.base import (
+    AGENT_PORT,
+    SSH_PORT,
+    Handle,
+    HeadProcess,
+    HostObjects,
+    SpawnSpec,
+)
+from coppice.substrates.children import Children
+from coppice.substrates.prerequisites import require_root, require_tools
+from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
 INIT_PATH = "/usr/lib/coppice/init"
 REQUIRED_TOOLS = {
@@ -74,9 +82,16 @@ class JailSubstrate:
         self.settings = settings
         self.link = SandboxLink(settings.jail_network, settings.namespace)
         self._cgroups: cgroups.CgroupDriver | None = None
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
-        self._children_lock = threading.Lock()
+        self._children = Children()
         self._filter_path: Path | None = None
+
+    @property
+    def network(self) -> NetworkSettings:
+        return self.settings.jail_network
+
+    @property
+    def spawn_parallelism(self) -> int:
+        return self.settings.spawn_parallelism
 
     @property
     def cgroups(self) -> cgroups.CgroupDriver:
@@ -90,13 +105,8 @@ class JailSubstrate:
     # -- host --------------------------------------------------------------------------------
 
     def check_prerequisites(self) -> None:
-        if os.geteuid() != 0:
-            raise PrerequisiteMissing("the jail substrate needs root; run coppice as root")
-        for tool, package in REQUIRED_TOOLS.items():
-            if shutil.which(tool) is None:
-                raise PrerequisiteMissing(
-                    f"{tool} is not installed; run scripts/setup (Debian package {package})"
-                )
+        require_root(self.name)
+        require_tools(REQUIRED_TOOLS)
         max_ns = Path("/proc/sys/user/max_user_namespaces")
         if max_ns.exists() and max_ns.read_text().strip() == "0":
             raise PrerequisiteMissing(
@@ -199,16 +209,16 @@ class JailSubstrate:
                 )
         finally:
             os.close(filter_fd)
-        with self._children_lock:
-            self._children[spec.entry_id] = proc
+        self._children.add(spec.entry_id, proc)
         ident = ProcessIdentity.of(proc.pid)
-        return {
-            "pid": proc.pid,
-            "pid_start": ident.start_time if ident else None,
-            "ip": spec.ip,
-            "entry_dir": str(entry_dir),
-            "cgroup_version": self.cgroups.version,
-        }
+        return Handle(
+            head=HeadProcess(proc.pid, ident.start_time) if ident else None,
+            driver={
+                "ip": spec.ip,
+                "entry_dir": str(entry_dir),
+                "cgroup_version": self.cgroups.version,
+            },
+        )
 
     def _argv(self, spec: SpawnSpec, merged: Path, filter_fd: int) -> list[str]:
         s = self.settings
@@ -328,40 +338,34 @@ class JailSubstrate:
         tail = " | ".join(text.strip().splitlines()[-lines:])
         return f"console: {tail}" if tail else "console is empty"
 
-    def pause(self, entry_id: str) -> None:
+    def pause(self, entry_id: str, handle: Handle | None) -> None:
         self.cgroups.freeze(entry_id)
 
-    def resume(self, entry_id: str) -> None:
+    def resume(self, entry_id: str, handle: Handle | None) -> None:
         self.cgroups.thaw(entry_id)
 
     def is_alive(self, entry_id: str, handle: Handle | None) -> bool:
-        with self._children_lock:
-            child = self._children.get(entry_id)
-        return head_alive(child, handle)
+        return self._children.head_alive(entry_id, handle)
+
+    def agent_address(self, handle: Handle) -> tuple[str, int]:
+        return str(handle.driver["ip"]), AGENT_PORT
+
+    def forget_template(self, template_name: str) -> None:
+        pass  # a jail keeps nothing per template beyond its rootfs, which the builder owns
 
     def destroy(self, entry_id: str, handle: Handle | None) -> None:
-        problems: list[str] = []
-
-        def attempt(what: str, fn: object) -> None:
-            assert callable(fn)
-            try:
-                fn()
-            except (OSError, SubstrateError) as exc:
-                problems.append(f"{what}: {exc}")
-
-        attempt("kill", lambda: self.cgroups.kill_all(entry_id))
-        with self._children_lock:
-            child = self._children.pop(entry_id, None)
+        teardown = Teardown(entry_id)
+        teardown.attempt("kill", lambda: self.cgroups.kill_all(entry_id))
+        child = self._children.pop(entry_id)
         if child is not None:
-            attempt("reap", lambda: child.wait(timeout=5))
+            teardown.attempt("reap", lambda: child.wait(timeout=5))
         entry_dir = self.entry_dir(entry_id)
         for point in mounts.mounts_under(entry_dir):
-            attempt(f"unmount {point}", functools.partial(mounts.unmount, point))
-        attempt("remove directory", lambda: _rmtree_if_exists(entry_dir))
-        attempt("remove network", lambda: self.link.remove(entry_id))
-        attempt("remove cgroups", lambda: self.cgroups.remove(entry_id))
-        if problems:
-            raise SubstrateError(f"destroying {entry_id} left work undone: {'; '.join(problems)}")
+            teardown.attempt(f"unmount {point}", functools.partial(mounts.unmount, point))
+        teardown.attempt("remove directory", lambda: rmtree_if_exists(entry_dir))
+        teardown.attempt("remove network", lambda: self.link.remove(entry_id))
+        teardown.attempt("remove cgroups", lambda: self.cgroups.remove(entry_id))
+        teardown.finish()
 
     def host_objects(self) -> HostObjects:
         entries_dir = self.settings.entries_dir
@@ -379,11 +383,6 @@ class JailSubstrate:
                 "mounts": mounted,
             }
         )
-
-
-def _rmtree_if_exists(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
 
 
 def _grants_range(path: Path, lo: int, hi: int) -> bool:

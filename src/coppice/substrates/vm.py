@@ -18,16 +18,13 @@ host key; the golden's are inside the snapshot.
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import subprocess
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from coppice.config import Limits, Settings
+from coppice.config import Limits, NetworkSettings, Settings
 from coppice.errors import PrerequisiteMissing, SubstrateError
 from coppice.host.processes import ProcessIdentity
 from coppice.images.keys import generate_ed25519
@@ -35,7 +32,15 @@ from coppice.net.tap import TapDevices, entry_tap_name
 from coppice.store.ipam import mac_for
 from coppice.store.records import TemplateRecord
 from coppice.substrates import accel, qemu_process, readiness
-from coppice.substrates.base import AGENT_PORT, SSH_PORT, Handle, HostObjects, SpawnSpec, head_alive
+from coppice.substrates.base import (
+    AGENT_PORT,
+    SSH_PORT,
+    Handle,
+    HeadProcess,
+    HostObjects,
+    SpawnSpec,
+)
+from coppice.substrates.children import Children
 from coppice.substrates.golden import (
     Golden,
     GoldenSnapshots,
@@ -44,6 +49,7 @@ from coppice.substrates.golden import (
     wait_for_migration,
 )
 from coppice.substrates.identity_port import IdentityPort, fresh_seed, identity_message
+from coppice.substrates.prerequisites import require_root, require_tools
 from coppice.substrates.qemu_cmdline import (
     GuestIdentity,
     MachineSpec,
@@ -52,6 +58,7 @@ from coppice.substrates.qemu_cmdline import (
     qemu_argv,
 )
 from coppice.substrates.qmp_channel import QmpChannel
+from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
 REQUIRED_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils"}
 #: how long a restored clone may take to apply its identity (TCG guests are slow)
@@ -73,8 +80,16 @@ class VmSubstrate:
         self.taps = TapDevices(settings.vm_network)
         self.goldens = GoldenSnapshots(settings, self.taps)
         self._accel: accel.AccelChoice | None = None
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
-        self._lock = threading.Lock()
+        self._children = Children()
+
+    @property
+    def network(self) -> NetworkSettings:
+        return self.settings.vm_network
+
+    @property
+    def spawn_parallelism(self) -> int:
+        # Under TCG a restoring clone keeps a CPU busy: more at once miss their deadline.
+        return min(self.settings.spawn_parallelism, self.settings.vm_spawn_parallelism)
 
     @property
     def vm_dir(self) -> Path:
@@ -92,13 +107,8 @@ class VmSubstrate:
     # -- host --------------------------------------------------------------------------------
 
     def check_prerequisites(self) -> None:
-        if os.geteuid() != 0:
-            raise PrerequisiteMissing("the vm substrate needs root; run coppice as root")
-        for tool, package in REQUIRED_TOOLS.items():
-            if shutil.which(tool) is None:
-                raise PrerequisiteMissing(
-                    f"{tool} is not installed; run scripts/setup (Debian package {package})"
-                )
+        require_root(self.name)
+        require_tools(REQUIRED_TOOLS)
         if not Path("/dev/net/tun").exists():
             raise PrerequisiteMissing(
                 "/dev/net/tun is missing, so VMs get no network; the host kernel needs TUN"
@@ -115,8 +125,8 @@ class VmSubstrate:
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
 
-    def remove_golden(self, template_name: str) -> None:
-        """Delete a template's golden snapshots (when the template itself is removed)."""
+    def forget_template(self, template_name: str) -> None:
+        """Delete a template's golden snapshots (the template itself was removed)."""
         self.goldens.remove(template_name)
 
     def golden(self, template: TemplateRecord, limits: Limits) -> Golden:
@@ -161,17 +171,13 @@ class VmSubstrate:
             tb_size_mb=TB_SIZE_MB,
         )
         proc = qemu_process.launch(qemu_argv(machine), entry_dir / "qemu.log")
-        with self._lock:
-            self._children[spec.entry_id] = proc
+        self._children.add(spec.entry_id, proc)
         ident = ProcessIdentity.of(proc.pid)
-        handle: Handle = {
-            "pid": proc.pid,
-            "pid_start": ident.start_time if ident else None,
+        own: dict[str, Any] = {
             "ip": spec.ip,
             "mac": mac,
             "tap": tap,
             "entry_dir": str(entry_dir),
-            "accel": golden.accel,
             "golden": golden_key(spec.template),
         }
         message = identity_message(
@@ -191,9 +197,10 @@ class VmSubstrate:
             raise SubstrateError(
                 f"restoring entry {spec.entry_id} failed: {exc}; {self.console_tail(spec.entry_id)}"
             ) from exc
-        handle["restore_ms"] = round((restored - started) * 1000, 1)
-        handle["identity_ms"] = round((time.monotonic() - restored) * 1000, 1)
-        return handle
+        own["restore_ms"] = round((restored - started) * 1000, 1)
+        own["identity_ms"] = round((time.monotonic() - restored) * 1000, 1)
+        head = HeadProcess(proc.pid, ident.start_time) if ident else None
+        return Handle(head=head, detail=golden.accel, driver=own)
 
     def _restore(
         self, entry_id: str, machine: MachineSpec, golden: Golden, message: dict[str, Any]
@@ -227,7 +234,8 @@ class VmSubstrate:
             is_alive=lambda: self.is_alive(spec.entry_id, handle),
             diagnostics=lambda: self.console_tail(spec.entry_id),
         )
-        qemu_process.wait_until_idle(int(handle["pid"]), timeout_s=SETTLE_TIMEOUT_S)
+        if handle.head is not None:
+            qemu_process.wait_until_idle(handle.head.pid, timeout_s=SETTLE_TIMEOUT_S)
 
     def console_log(self, entry_id: str) -> Path:
         return self.entry_dir(entry_id) / "console.log"
@@ -243,11 +251,14 @@ class VmSubstrate:
                 parts.append(f"{name}: " + " | ".join(text.splitlines()[-lines:]))
         return "; ".join(parts) or "no console output"
 
-    def pause(self, entry_id: str) -> None:
+    def pause(self, entry_id: str, handle: Handle | None) -> None:
         self._execute(entry_id, "stop")
 
-    def resume(self, entry_id: str) -> None:
+    def resume(self, entry_id: str, handle: Handle | None) -> None:
         self._execute(entry_id, "cont")
+
+    def agent_address(self, handle: Handle) -> tuple[str, int]:
+        return str(handle.driver["ip"]), AGENT_PORT
 
     def _execute(self, entry_id: str, command: str) -> None:
         # One connection per command, closed at once: QEMU's monitor serves one client at a
@@ -260,44 +271,32 @@ class VmSubstrate:
             channel.close()
 
     def is_alive(self, entry_id: str, handle: Handle | None) -> bool:
-        with self._lock:
-            child = self._children.get(entry_id)
-        return head_alive(child, handle)
+        return self._children.head_alive(entry_id, handle)
 
     def destroy(self, entry_id: str, handle: Handle | None) -> None:
-        problems: list[str] = []
-
-        def attempt(what: str, fn: Callable[[], None]) -> None:
-            try:
-                fn()
-            except (OSError, SubstrateError) as exc:
-                problems.append(f"{what}: {exc}")
-
+        teardown = Teardown(entry_id)
         entry_dir = self.entry_dir(entry_id)
-        with self._lock:
-            child = self._children.pop(entry_id, None)
+        child = self._children.pop(entry_id)
         victims = {
             pid: ident for pid, (ident, _) in qemu_process.processes_under(entry_dir).items()
         }
-        if handle and handle.get("pid") is not None and handle.get("pid_start") is not None:
-            recorded = ProcessIdentity(int(handle["pid"]), int(handle["pid_start"]))
-            victims.setdefault(recorded.pid, recorded)
+        if handle is not None and handle.head is not None:
+            victims.setdefault(handle.head.pid, handle.head.identity)
         if child is not None:
             own = ProcessIdentity.of(child.pid)
             if own is not None:
                 victims.setdefault(child.pid, own)
             else:
-                attempt("reap", lambda: _reap(child))
+                teardown.attempt("reap", lambda: _reap(child))
         for ident in victims.values():
             mine = child if child is not None and child.pid == ident.pid else None
-            attempt(
+            teardown.attempt(
                 f"kill qemu {ident.pid}",
                 functools.partial(qemu_process.kill_and_wait, ident, mine),
             )
-        attempt("remove tap", lambda: self.taps.remove(entry_tap_name(entry_id)))
-        attempt("remove directory", lambda: _rmtree_if_exists(entry_dir))
-        if problems:
-            raise SubstrateError(f"destroying {entry_id} left work undone: {'; '.join(problems)}")
+        teardown.attempt("remove tap", lambda: self.taps.remove(entry_tap_name(entry_id)))
+        teardown.attempt("remove directory", lambda: rmtree_if_exists(entry_dir))
+        teardown.finish()
 
     def host_objects(self) -> HostObjects:
         dirs = {p.name for p in self.vm_dir.iterdir()} if self.vm_dir.is_dir() else set()
@@ -310,11 +309,6 @@ class VmSubstrate:
                 "qmp_sockets": {d for d in dirs if (self.entry_dir(d) / "qmp.sock").exists()},
             }
         )
-
-
-def _rmtree_if_exists(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
 
 
 def _reap(child: subprocess.Popen[bytes]) -> None:

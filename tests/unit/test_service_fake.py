@@ -1,0 +1,147 @@
+"""The gateway's SandboxService and PoolKeeper over the fake substrate: create from the pool
+or cold, the 429 when neither may happen, idempotency, listing, kill, timeouts and refill."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coppice.errors import PoolExhausted, SandboxNotFound
+from coppice.gateway.catalog import TemplateCatalog
+from coppice.gateway.keeper import PoolKeeper
+from coppice.gateway.sandboxes import SandboxService
+from coppice.gateway.wire import CreateRequest, parse_list_query
+from coppice.lifecycle import State
+
+from .fake_pool import TEMPLATE, FakePool, fake_pool, tenant, wait_until
+
+
+def _request(**changes: object) -> CreateRequest:
+    fields: dict[str, object] = {
+        "template_id": TEMPLATE,
+        "timeout_s": 300,
+        "metadata": {},
+        "env_vars": {},
+        "on_timeout": "kill",
+        "auto_resume": False,
+        **changes,
+    }
+    return CreateRequest(**fields)  # type: ignore[arg-type]
+
+
+class Service:
+    def __init__(self, pool: FakePool, target: int) -> None:
+        self.pool = pool
+        pool.controller.respawn = False  # as in the gateway: the keeper refills
+        self.keeper = PoolKeeper(pool.controller, {TEMPLATE: target}, tick_s=0.05)
+        self.ended: list[str] = []
+        self.keeper.on_sandbox_ended = self.ended.append
+        self.service = SandboxService(
+            pool.settings, pool.controller, self.keeper, TemplateCatalog(pool.store)
+        )
+
+
+@pytest.fixture()
+def svc(tmp_path: Path) -> Iterator[Service]:
+    s = Service(fake_pool(tmp_path), target=2)
+    yield s
+    s.keeper.stop()
+
+
+def test_create_takes_a_pool_entry_and_refill_replaces_it(svc: Service) -> None:
+    svc.pool.controller.warm(TEMPLATE, 2)
+    handed, fresh = svc.service.create(_request(metadata={"k": "v"}), tenant(), None)
+    assert fresh and handed.entry.state is State.IN_USE
+    assert handed.sandbox.metadata == {"k": "v"}
+    svc.keeper.start()
+    assert wait_until(lambda: svc.pool.controller.pool_size(TEMPLATE) == 2)
+
+
+def test_an_empty_pool_starts_cold_or_answers_429(tmp_path: Path) -> None:
+    cold = Service(fake_pool(tmp_path / "a"), target=0)
+    handed, _ = cold.service.create(_request(), tenant(), None)
+    assert cold.pool.fake.calls_for(handed.sandbox.id) == ["spawn", "wait_ready", "pause", "resume"]
+
+    strict = Service(fake_pool(tmp_path / "b", COPPICE_COLD_START="false"), target=0)
+    with pytest.raises(PoolExhausted) as info:
+        strict.service.create(_request(), tenant(), None)
+    assert info.value.http_status == 429 and info.value.retry_after_s >= 1
+
+
+def test_idempotent_create_returns_the_same_sandbox(svc: Service) -> None:
+    svc.pool.controller.warm(TEMPLATE, 2)
+    first, fresh = svc.service.create(_request(), tenant(), "job-1")
+    again, fresh_again = svc.service.create(_request(), tenant(), "job-1")
+    assert fresh and not fresh_again and again.sandbox.id == first.sandbox.id
+    other, _ = svc.service.create(_request(), tenant("someone-else"), "job-1")
+    assert other.sandbox.id != first.sandbox.id
+
+
+def test_listing_order_filters_and_tenants(svc: Service) -> None:
+    svc.pool.controller.warm(TEMPLATE, 2)
+    made = []
+    for i in range(3):
+        made.append(svc.service.create(_request(metadata={"n": str(i)}), tenant(), None)[0])
+        time.sleep(0.01)
+    svc.service.create(_request(), tenant("other"), None)
+    page = svc.service.page(tenant(), parse_list_query({"limit": "2"}))
+    assert [h.sandbox.id for h in page.items] == [made[2].sandbox.id, made[1].sandbox.id]
+    assert page.total_running == 3 and page.next_token is not None
+    rest = svc.service.page(tenant(), parse_list_query({"nextToken": page.next_token}))
+    assert [h.sandbox.id for h in rest.items] == [made[0].sandbox.id]
+    since = parse_list_query({"startedAfter": _iso(made[1].sandbox.started_at)})
+    assert len(svc.service.page(tenant(), since).items) == 2
+    none = parse_list_query({"template": "no-such-template"})
+    assert svc.service.page(tenant(), none).items == []
+
+
+def _iso(ts: float) -> str:
+    from coppice.gateway.wire import iso
+
+    return iso(ts)
+
+
+def test_kill_ends_the_sandbox_at_once_and_tears_down_behind(svc: Service) -> None:
+    svc.pool.controller.warm(TEMPLATE, 1)
+    handed, _ = svc.service.create(_request(), tenant(), None)
+    svc.service.kill(tenant(), handed.sandbox.id)
+    assert svc.ended == [handed.sandbox.id]
+    assert svc.pool.store.get_sandbox(handed.sandbox.id) is None
+    assert wait_until(lambda: "destroy" in svc.pool.fake.calls_for(handed.sandbox.id))
+    with pytest.raises(SandboxNotFound):
+        svc.service.kill(tenant(), handed.sandbox.id)
+
+
+def test_a_tenant_cannot_touch_another_tenants_sandbox(svc: Service) -> None:
+    svc.pool.controller.warm(TEMPLATE, 1)
+    handed, _ = svc.service.create(_request(), tenant(), None)
+    with pytest.raises(SandboxNotFound):
+        svc.service.kill(tenant("intruder"), handed.sandbox.id)
+    assert svc.pool.store.get_sandbox(handed.sandbox.id) is not None
+
+
+def test_timeout_zero_is_reaped_now_and_auto_pause_pauses(svc: Service) -> None:
+    svc.pool.controller.warm(TEMPLATE, 2)
+    doomed, _ = svc.service.create(_request(), tenant(), None)
+    pausing, _ = svc.service.create(_request(on_timeout="pause"), tenant(), None)
+    svc.service.set_timeout(tenant(), doomed.sandbox.id, 0)
+    svc.service.set_timeout(tenant(), pausing.sandbox.id, 0)
+    acted = svc.keeper.reap(time.time())
+    assert sorted(acted) == sorted([doomed.sandbox.id, pausing.sandbox.id])
+    assert svc.ended == [doomed.sandbox.id]
+    paused = svc.pool.store.get_sandbox(pausing.sandbox.id)
+    assert paused is not None and paused.entry.state is State.PAUSED
+    resumed = svc.service.connect(tenant(), pausing.sandbox.id, 60)
+    assert resumed.entry.state is State.IN_USE and resumed.sandbox.end_at > time.time() + 30
+
+
+def test_a_sandbox_that_died_is_found_by_reconcile(svc: Service) -> None:
+    svc.pool.controller.warm(TEMPLATE, 1)
+    handed, _ = svc.service.create(_request(), tenant(), None)
+    svc.pool.fake.kill(handed.sandbox.id)
+    report = svc.pool.controller.reconcile()
+    assert report.finished_teardowns == [handed.sandbox.id]
+    assert svc.pool.store.get_sandbox(handed.sandbox.id) is None
