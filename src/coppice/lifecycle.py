@@ -4,6 +4,8 @@
 perform once the new state is committed. Work that has to happen *before* a state becomes
 visible to others is folded into the event's meaning instead: READY means "answering and
 already paused", so no checkout can ever see an entry that a warm is still about to freeze.
+A cold start is its own path, HAND_OUT, from warming straight to in use: the entry is never
+available to anyone else, so no concurrent checkout can take it from the caller who started it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class State(enum.StrEnum):
 
 class Event(enum.StrEnum):
     READY = "ready"
+    HAND_OUT = "hand_out"  # a cold start: answering, running, and handed to its caller
     FAIL = "fail"
     CHECKOUT = "checkout"
     PAUSE = "pause"
@@ -57,6 +60,7 @@ class Transition:
 
 _TABLE: dict[tuple[State, Event], Transition] = {
     (State.WARMING, Event.READY): Transition(State.AVAILABLE),
+    (State.WARMING, Event.HAND_OUT): Transition(State.IN_USE),
     (State.WARMING, Event.FAIL): Transition(State.FAILED, (Action.DESTROY,)),
     (State.AVAILABLE, Event.CHECKOUT): Transition(State.IN_USE, (Action.RESUME,)),
     (State.IN_USE, Event.PAUSE): Transition(State.PAUSED, (Action.PAUSE,)),

@@ -11,7 +11,7 @@ from pathlib import Path
 from coppice.config import Settings
 from coppice.gateway.auth import Principal, Scope
 from coppice.pool.controller import PoolController
-from coppice.store.records import SandboxRecord, TemplateRecord
+from coppice.store.records import SandboxRecord, TemplatePolicy, TemplateRecord
 from coppice.store.store import Store
 from coppice.substrates.fake import FakeSubstrate
 
@@ -29,7 +29,7 @@ class FakePool:
         return self.controller.store
 
 
-def fake_pool(tmp_path: Path, **settings: str) -> FakePool:
+def fake_pool(tmp_path: Path, policy: TemplatePolicy | None = None, **settings: str) -> FakePool:
     env = {
         "COPPICE_CONFIG": str(tmp_path / "absent.toml"),
         "COPPICE_STATE_DIR": str(tmp_path / "state"),
@@ -48,6 +48,7 @@ def fake_pool(tmp_path: Path, **settings: str) -> FakePool:
             built_at=time.time(),
             build_seconds=1.0,
             size_bytes=0,
+            policy=policy or TemplatePolicy(aliases=("fake-alias",)),
         )
     )
     return FakePool(s, fake, PoolController(s, store, substrates={"fake": fake}))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coppice.errors import PoolExhausted
+from coppice.errors import PoolExhausted, SubstrateError
 from coppice.lifecycle import State
 
 from .fake_pool import TEMPLATE, fake_pool, sandbox_record
@@ -43,8 +43,9 @@ def test_checkout_resumes_and_return_destroys_and_replaces(tmp_path: Path) -> No
 
 def test_a_dead_entry_is_never_handed_out(tmp_path: Path) -> None:
     p = fake_pool(tmp_path)
-    first, second = p.controller.warm(TEMPLATE, 2).started
+    p.controller.warm(TEMPLATE, 2)
     # The longest-waiting entry goes first; it died while paused.
+    first, second = sorted(p.store.list_entries(), key=lambda e: (e.ready_at or 0, e.id))
     p.fake.kill(first.id)
     got = p.controller.checkout(TEMPLATE)
     assert got.id == second.id
@@ -104,8 +105,21 @@ def test_a_cold_start_hands_out_with_a_lifetime_from_now(tmp_path: Path) -> None
     handed = p.store.get_sandbox(entry.id)
     assert handed is not None and handed.entry.state is State.IN_USE
     assert handed.sandbox.end_at > time.time() + 1
-    assert p.fake.calls_for(entry.id) == ["spawn", "wait_ready", "pause", "resume"]
+    # Never paused, never available: nobody else could have checked it out meanwhile.
+    assert p.fake.calls_for(entry.id) == ["spawn", "wait_ready"]
     assert p.store.expired_sandboxes(time.time()) == []
+
+
+def test_a_cold_start_drained_while_starting_is_not_handed_out(tmp_path: Path) -> None:
+    p = fake_pool(tmp_path)
+
+    def drain_meanwhile(entry_id: str) -> None:
+        p.controller.drain(TEMPLATE)
+
+    p.fake.on_wait_ready = drain_meanwhile
+    with pytest.raises(SubstrateError, match="cancelled"):
+        p.controller.start_cold(TEMPLATE, sandbox_record())
+    assert p.store.list_entries() == [] and p.fake.sandboxes == {}
 
 
 def test_pause_and_resume_reach_the_driver_with_the_handle(tmp_path: Path) -> None:
@@ -118,3 +132,18 @@ def test_pause_and_resume_reach_the_driver_with_the_handle(tmp_path: Path) -> No
     assert not p.fake.sandboxes[entry.id].paused
     handle = p.store.get(entry.id).handle
     assert handle is not None and p.fake.agent_address(handle) == (entry.ip, 49983)
+
+
+def test_host_set_up_runs_once_not_per_refill_and_again_after_a_failure(tmp_path: Path) -> None:
+    p = fake_pool(tmp_path)
+
+    def set_ups() -> int:
+        return sum(1 for call, _ in p.fake.calls if call == "prepare_host")
+
+    p.controller.warm(TEMPLATE, 1)
+    p.controller.warm(TEMPLATE, 1)
+    assert set_ups() == 1
+    p.fake.failing_spawns = 1
+    p.controller.warm(TEMPLATE, 1)  # fails: the host may need repairing
+    p.controller.warm(TEMPLATE, 1)
+    assert set_ups() == 2

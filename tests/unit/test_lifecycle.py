@@ -61,6 +61,20 @@ def test_pause_and_resume_while_in_use() -> None:
     assert steps[5].actions == (Action.FORGET,)
 
 
+def test_a_cold_start_goes_from_warming_straight_to_in_use() -> None:
+    steps = run(State.WARMING, [Event.HAND_OUT, Event.PAUSE, Event.RESUME, Event.RETURN])
+    assert steps[0] == Transition(State.IN_USE, ())  # running already: nothing to resume
+    assert [s.state for s in steps[1:]] == [State.PAUSED, State.IN_USE, State.RETURNING]
+
+
+@pytest.mark.parametrize("state", [s for s in State if s is not State.WARMING])
+def test_only_a_warming_entry_is_handed_out_cold(state: State) -> None:
+    if state is State.GONE:
+        return
+    with pytest.raises(IllegalTransition):
+        transition("e1", state, Event.HAND_OUT)
+
+
 def test_failed_warm_is_destroyed_and_not_replaced() -> None:
     steps = run(State.WARMING, [Event.FAIL, Event.DESTROYED])
     assert steps == [

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from coppice.config import Limits
 from coppice.errors import PoolExhausted, SandboxNotFound
 from coppice.gateway.catalog import TemplateCatalog
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.sandboxes import SandboxService
 from coppice.gateway.wire import CreateRequest, parse_list_query
 from coppice.lifecycle import State
+from coppice.store.records import TemplatePolicy
 
 from .fake_pool import TEMPLATE, FakePool, fake_pool, tenant, wait_until
 
@@ -63,7 +65,7 @@ def test_create_takes_a_pool_entry_and_refill_replaces_it(svc: Service) -> None:
 def test_an_empty_pool_starts_cold_or_answers_429(tmp_path: Path) -> None:
     cold = Service(fake_pool(tmp_path / "a"), target=0)
     handed, _ = cold.service.create(_request(), tenant(), None)
-    assert cold.pool.fake.calls_for(handed.sandbox.id) == ["spawn", "wait_ready", "pause", "resume"]
+    assert cold.pool.fake.calls_for(handed.sandbox.id) == ["spawn", "wait_ready"]
 
     strict = Service(fake_pool(tmp_path / "b", COPPICE_COLD_START="false"), target=0)
     with pytest.raises(PoolExhausted) as info:
@@ -145,3 +147,15 @@ def test_a_sandbox_that_died_is_found_by_reconcile(svc: Service) -> None:
     report = svc.pool.controller.reconcile()
     assert report.finished_teardowns == [handed.sandbox.id]
     assert svc.pool.store.get_sandbox(handed.sandbox.id) is None
+
+
+def test_the_template_policy_decides_limits_aliases_and_cold_start(tmp_path: Path) -> None:
+    small = Limits(memory_mb=128, pids=64, cpus=0.5, disk_mb=256)
+    pool = fake_pool(tmp_path, TemplatePolicy(limits=small, aliases=("tiny",), cold_start=False))
+    s = Service(pool, target=0)
+    assert s.service.catalog.resolve("tiny").name == TEMPLATE
+    assert s.service.limits(TEMPLATE) == small
+    with pytest.raises(PoolExhausted):  # the template says: no cold starts
+        s.service.create(_request(template_id="tiny"), tenant(), None)
+    # The policy survives the store: it is read back, not looked up by name.
+    assert pool.store.get_template(TEMPLATE).policy.limits == small

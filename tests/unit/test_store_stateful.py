@@ -87,7 +87,7 @@ class StoreMachine(RuleBasedStateMachine):
         else:
             self.model[entry_id] = (template, step.state)
             assert self.store.get(entry_id).state is step.state
-        if event is Event.CHECKOUT:
+        if event in (Event.CHECKOUT, Event.HAND_OUT):
             assert entry_id not in self.in_use
             self.in_use.add(entry_id)
         if step.state not in HANDED_OUT:
@@ -134,6 +134,13 @@ class StoreMachine(RuleBasedStateMachine):
         record = self.store.get(entry_id)
         assert record.ready_at is not None
         assert record.deadline is None
+
+    @precondition(lambda self: bool(self.ids_in(State.WARMING)))
+    @rule(data=st.data())
+    def hand_out_cold(self, data: st.DataObject) -> None:
+        """A cold start: its own warming entry goes straight to its sandbox, so no checkout
+        (which only takes available entries) can ever race it."""
+        self.expect(data.draw(st.sampled_from(self.ids_in(State.WARMING))), Event.HAND_OUT)
 
     @precondition(lambda self: bool(self.ids_in(State.WARMING)))
     @rule(data=st.data())

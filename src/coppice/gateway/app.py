@@ -32,7 +32,7 @@ from coppice.errors import (
 )
 from coppice.gateway.auth import KeyRing, Principal
 from coppice.gateway.auth import Scope as KeyScope
-from coppice.gateway.catalog import TemplateCatalog, aliases_of
+from coppice.gateway.catalog import TemplateCatalog
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.proxy import (
     TRAFFIC_TOKEN_HEADER,
@@ -303,7 +303,7 @@ async def metrics(request: Request) -> Response:
 
 async def _catalog_json(gw: Gateway) -> list[dict[str, Any]]:
     records = await _run(gw.service.catalog.all)
-    return [template_json(t, aliases_of(t.name), gw.service.limits(t.name)) for t in records]
+    return [template_json(t, t.policy.aliases, gw.service.limits(t.name)) for t in records]
 
 
 async def templates(request: Request) -> Response:
@@ -328,7 +328,7 @@ async def template_detail(request: Request) -> Response:
     _who(request, KeyScope.READ)
     record = await _run(gw.service.catalog.resolve, request.path_params["template_id"])
     return JSONResponse(
-        template_builds_json(record, aliases_of(record.name), gw.service.limits(record.name))
+        template_builds_json(record, record.policy.aliases, gw.service.limits(record.name))
     )
 
 

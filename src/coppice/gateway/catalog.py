@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from coppice.errors import NotFound
-from coppice.images.recipes import RECIPES
 from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
 
@@ -14,11 +13,6 @@ class UnknownTemplate(NotFound):
         super().__init__(f"template {template_id!r} was not found; templates here: {names}")
 
 
-def aliases_of(name: str) -> tuple[str, ...]:
-    r = RECIPES.get(name)
-    return r.aliases if r is not None else ()
-
-
 class TemplateCatalog:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -27,10 +21,10 @@ class TemplateCatalog:
         built = {t.name: t for t in self.store.list_templates()}
         if template_id in built:
             return built[template_id]
-        for name, record in built.items():
-            if template_id in aliases_of(name):
+        for record in built.values():
+            if template_id in record.policy.aliases:
                 return record
-        known = [n for name in built for n in (name, *aliases_of(name))]
+        known = [n for t in built.values() for n in (t.name, *t.policy.aliases)]
         raise UnknownTemplate(template_id, known)
 
     def all(self) -> list[TemplateRecord]:

@@ -167,10 +167,10 @@ class SandboxProxy:
         upstream_request = client.build_request(request.method, url, headers=headers, content=body)
         try:
             upstream = await client.send(upstream_request, stream=True)
-        except httpx.ConnectError:
+        except httpx.TransportError:
+            # Refused, reset, or a kept-alive connection that died with its sandbox: the
+            # caller finds out which (dead: "not found"; alive: the port is closed).
             raise SandboxUnreachable(handed.sandbox.id, port) from None
-        except httpx.TransportError as exc:
-            return error(502, f"sandbox {handed.sandbox.id}: {type(exc).__name__}: {exc}")
         response = RelayedResponse(handed.sandbox.id, upstream)
         # Verbatim, repeated headers included; the body is relayed undecoded, so its
         # Content-Encoding and Content-Length still hold.

@@ -17,12 +17,12 @@ from coppice.errors import (
     NotFound,
     PoolExhausted,
     SandboxNotFound,
+    TemplateNotFound,
 )
 from coppice.gateway.auth import Principal
 from coppice.gateway.catalog import TemplateCatalog
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.wire import CreateRequest, ListQuery, encode_token, state_of
-from coppice.images.recipes import RECIPES
 from coppice.lifecycle import Event, State
 from coppice.pool.controller import PoolController
 from coppice.store.records import EntryRecord, HandedOut, SandboxRecord, TemplateRecord
@@ -52,8 +52,12 @@ class SandboxService:
         self._cold_starts = threading.BoundedSemaphore(settings.cold_start_parallelism)
 
     def limits(self, template: str) -> Limits:
-        r = RECIPES.get(template)
-        return r.limits if r is not None and r.limits is not None else self.settings.limits
+        """The limits sandboxes of `template` run with (as it was built)."""
+        try:
+            policy = self.store.get_template(template).policy
+        except TemplateNotFound:
+            return self.settings.limits  # removed since; its sandboxes had the defaults
+        return policy.limits or self.settings.limits
 
     # -- create ---------------------------------------------------------------------------------
 
@@ -96,8 +100,7 @@ class SandboxService:
     def _cold_start(
         self, template: TemplateRecord, record: SandboxRecord, empty: PoolExhausted
     ) -> EntryRecord:
-        recipe = RECIPES.get(template.name)
-        if not self.settings.cold_start or (recipe is not None and not recipe.cold_start):
+        if not self.settings.cold_start or not template.policy.cold_start:
             raise empty
         if not self._cold_starts.acquire(blocking=False):
             raise PoolExhausted(template.name, retry_after_s=1.0) from None

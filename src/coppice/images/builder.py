@@ -13,6 +13,7 @@ state directory.
 from __future__ import annotations
 
 import compileall
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ from coppice.images.vm_image import (
     static_busybox,
 )
 from coppice.progress import Progress, SilentProgress
-from coppice.store.records import TemplateRecord
+from coppice.store.records import TemplatePolicy, TemplateRecord
 from coppice.store.store import Store
 
 BUILDER_VERSION = "2"
@@ -109,6 +110,11 @@ def _agent_files() -> list[tuple[str, bytes]]:
 
 def guest_files(substrate: str) -> list[str]:
     return sorted(name for name, f in GUEST_FILES.items() if substrate in f.substrates)
+
+
+def policy_of(r: Recipe) -> TemplatePolicy:
+    """What the template's sandboxes run with, as the recipe says at build time."""
+    return TemplatePolicy(limits=r.limits, aliases=r.aliases, cold_start=r.cold_start)
 
 
 def recipe_hash(
@@ -198,6 +204,10 @@ class TemplateBuilder:
                 except Exception:
                     existing = None
                 if existing is not None and existing.recipe_hash == digest:
+                    if existing.policy != policy_of(r):
+                        # Built before policies were stored (or the recipe's changed).
+                        existing = dataclasses.replace(existing, policy=policy_of(r))
+                        self.store.put_template(existing)
                     return existing, False
             started = time.monotonic()
             base = self._base_rootfs(r)
@@ -237,6 +247,7 @@ class TemplateBuilder:
                 built_at=time.time(),
                 build_seconds=time.monotonic() - started,
                 size_bytes=size,
+                policy=policy_of(r),
             )
             self.store.put_template(record)
             self._prune_old_versions(name, keep=digest)

@@ -24,7 +24,6 @@ from coppice.errors import (
     SubstrateError,
 )
 from coppice.host.processes import ProcessIdentity
-from coppice.images.recipes import RECIPES
 from coppice.lifecycle import Action, Event, State
 from coppice.pool import reconcile as reconcile_rules
 from coppice.progress import Progress, SilentProgress
@@ -72,6 +71,9 @@ class PoolController:
         #: replace returned or dead entries right away; a service that refills its pools in
         #: the background turns this off so that returns answer at once
         self.respawn = True
+        #: substrates whose host set-up this process has done and not seen fail since: the
+        #: set-up (nft, netlink, sysctl) is not repeated for every refill
+        self._prepared: set[str] = set()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -82,8 +84,7 @@ class PoolController:
             raise SubstrateError(f"substrate {name!r} is not available on this host") from None
 
     def _limits(self, template: TemplateRecord) -> Limits:
-        r = RECIPES.get(template.name)
-        return r.limits if r is not None and r.limits is not None else self.settings.limits
+        return template.policy.limits or self.settings.limits
 
     def _spec(self, entry: EntryRecord, template: TemplateRecord) -> SpawnSpec:
         return SpawnSpec(entry.id, template, entry.ip, entry.hostname, self._limits(template))
@@ -107,7 +108,17 @@ class PoolController:
 
     def init_host(self) -> None:
         for sub in self.substrates.values():
-            sub.prepare_host()
+            self._prepare(sub)
+
+    def _prepare(self, sub: Substrate) -> None:
+        sub.prepare_host()
+        self._prepared.add(sub.name)
+
+    def _ensure_host(self, sub: Substrate) -> None:
+        """Host set-up when it is needed: first use in this process, or after a bring-up
+        failed (a bridge deleted under us is put back by the next warm)."""
+        if sub.name not in self._prepared:
+            self._prepare(sub)
 
     def deinit_host(self) -> None:
         if self.store.list_entries():
@@ -123,7 +134,7 @@ class PoolController:
         cap = self.capacity(template.substrate)
         if not 1 <= count <= cap:
             raise InvalidRequest(f"--count must be between 1 and {cap}, not {count}")
-        sub.prepare_host()
+        self._ensure_host(sub)
         started = time.monotonic()
         entries = self._reserve(template, count)
         report = WarmReport(template.name, count)
@@ -147,17 +158,24 @@ class PoolController:
                     report.failures.append(str(exc))
                     self.progress.advance("failed")
 
-    def _bring_up(self, template: TemplateRecord, entry: EntryRecord) -> EntryRecord:
+    def _bring_up(
+        self, template: TemplateRecord, entry: EntryRecord, pause: bool = True
+    ) -> EntryRecord:
+        """Spawn and wait until it answers; then freeze it and make it available, or (with
+        `pause` false, a cold start) leave it running and warming for the caller."""
         sub = self.substrate(template.substrate)
         spec = self._spec(entry, template)
         try:
             handle = sub.spawn(spec)
             self.store.set_handle(entry.id, handle)
             sub.wait_ready(spec, handle, self.settings.ready_timeout_s)
+            if not pause:
+                return entry  # still warming; the caller hands it out
             sub.pause(entry.id, handle)
             return self.store.apply(entry.id, Event.READY).entry
         except (CoppiceError, OSError) as exc:
             error = exc if isinstance(exc, CoppiceError) else SubstrateError(str(exc))
+            self._prepared.discard(sub.name)
             # Drained while it was warming: the drain tears it down instead.
             with contextlib.suppress(IllegalTransition, EntryNotFound):
                 self.perform(self.store.apply(entry.id, Event.FAIL, str(error)))
@@ -182,11 +200,12 @@ class PoolController:
                 self.perform(self.store.apply(entry.id, Event.DIED, str(exc)), self.respawn)
 
     def start_cold(self, template_name: str, sandbox: SandboxRecord) -> EntryRecord:
-        """Start one entry now and hand it straight out (the pool had none available)."""
+        """Start one entry now and hand it straight out (the pool had none available). It
+        goes from warming to in use without being paused or ever available to others."""
         template = self.store.get_template(template_name)
-        sub = self.substrate(template.substrate)
+        self._ensure_host(self.substrate(template.substrate))
         (fresh,) = self._reserve(template, 1)
-        ready = self._bring_up(template, fresh)
+        self._bring_up(template, fresh, pause=False)
         # The sandbox's lifetime runs from its hand-out, not from the request: a cold start
         # may take longer than a short timeout, and the reaper would take it at once.
         late = time.time() - sandbox.started_at
@@ -194,13 +213,12 @@ class PoolController:
             sandbox, started_at=sandbox.started_at + late, end_at=sandbox.end_at + late
         )
         try:
-            entry = self.store.adopt_as_sandbox(ready.id, sandbox).entry
-        except IllegalTransition:
-            # Between READY and here it was available to everyone, and another checkout
-            # took it; the pool then holds something this caller may take instead.
-            return self.checkout(template.name, sandbox)
-        sub.resume(entry.id, entry.handle)
-        return entry
+            return self.store.hand_out(fresh.id, sandbox).entry
+        except (IllegalTransition, EntryNotFound) as exc:
+            # Drained (or found dead by a reconcile) while it started: it is not ours.
+            with contextlib.suppress(IllegalTransition, EntryNotFound):
+                self.perform(self.store.apply(fresh.id, Event.FAIL, str(exc)))
+            raise SubstrateError(f"cold start of {fresh.id} was cancelled: {exc}") from exc
 
     def return_entry(self, entry_id: str) -> EntryRecord | None:
         """Destroy the entry and (unless a keeper refills instead) start its replacement."""
@@ -318,7 +336,9 @@ class PoolController:
             # After a host reboot the bridge and cgroup parents are gone with the entries;
             # put them back before replacements are started.
             for sub in self.substrates.values():
-                self._attempt(report, f"host set-up of {sub.name}", sub.prepare_host)
+                self._attempt(
+                    report, f"host set-up of {sub.name}", functools.partial(self._prepare, sub)
+                )
         for e in decided.dead + decided.orphaned:
             self._fix(e, report)
         for entry_id in decided.leftovers:

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from coppice.config import Limits
 from coppice.host.processes import ProcessIdentity
 from coppice.lifecycle import State
+
+
+@dataclass(frozen=True)
+class TemplatePolicy:
+    """How a template's sandboxes run, fixed when the template is built (not looked up by
+    its name later): its limits (None: the host's defaults), the other names callers may use
+    for it, and whether the gateway may start one on demand when the pool is empty."""
+
+    limits: Limits | None = None
+    aliases: tuple[str, ...] = ()
+    cold_start: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "limits": None if self.limits is None else dataclasses.asdict(self.limits),
+            "aliases": list(self.aliases),
+            "cold_start": self.cold_start,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TemplatePolicy:
+        limits = data.get("limits")
+        return cls(
+            limits=None if limits is None else Limits(**limits),
+            aliases=tuple(data.get("aliases") or ()),
+            cold_start=bool(data.get("cold_start", True)),
+        )
 
 
 @dataclass(frozen=True)
@@ -20,10 +49,27 @@ class TemplateRecord:
     built_at: float
     build_seconds: float
     size_bytes: int
+    #: templates built before policies were stored read as the defaults until rebuilt
+    policy: TemplatePolicy = TemplatePolicy()
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TemplateRecord:
-        return cls(**{k: row[k] for k in row.keys()})  # noqa: SIM118 - Row has no iterator of keys
+        data = {k: row[k] for k in row.keys()}  # noqa: SIM118 - Row has no iterator of keys
+        raw = data.pop("policy", None)
+        policy = TemplatePolicy.from_json(json.loads(raw)) if raw else TemplatePolicy()
+        return cls(**data, policy=policy)
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.name,
+            self.substrate,
+            self.recipe_hash,
+            self.rootfs,
+            self.built_at,
+            self.build_seconds,
+            self.size_bytes,
+            json.dumps(self.policy.to_json()),
+        )
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE sandboxes ADD COLUMN traffic_token TEXT;
     """,
+    # 4: a template's runtime policy (limits, aliases, cold start), fixed at build time
+    """
+    ALTER TABLE templates ADD COLUMN policy TEXT;
+    """,
 )
 
 

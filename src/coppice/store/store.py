@@ -120,16 +120,9 @@ class Store:
     def put_template(self, record: TemplateRecord) -> None:
         with self._write() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO templates VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.name,
-                    record.substrate,
-                    record.recipe_hash,
-                    record.rootfs,
-                    record.built_at,
-                    record.build_seconds,
-                    record.size_bytes,
-                ),
+                "INSERT OR REPLACE INTO templates (name, substrate, recipe_hash, rootfs,"
+                " built_at, build_seconds, size_bytes, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                record.row(),
             )
             self._event(conn, "template_built", None, record.name, record.recipe_hash)
 
@@ -252,7 +245,7 @@ class Store:
                 now,
                 step.state is State.AVAILABLE,
                 now,
-                event is Event.CHECKOUT,
+                event in (Event.CHECKOUT, Event.HAND_OUT),
                 now,
                 entry_id,
             ),
@@ -279,10 +272,10 @@ class Store:
                 self._insert_sandbox(conn, replace(sandbox, id=applied.entry.id))
             return applied
 
-    def adopt_as_sandbox(self, entry_id: str, sandbox: SandboxRecord) -> Applied:
-        """Check out one particular available entry (a cold start the caller just warmed)."""
+    def hand_out(self, entry_id: str, sandbox: SandboxRecord) -> Applied:
+        """Hand a cold-started entry, still warming, straight to its sandbox."""
         with self._write() as conn:
-            applied = self._apply(conn, entry_id, Event.CHECKOUT, "cold start")
+            applied = self._apply(conn, entry_id, Event.HAND_OUT, "cold start")
             self._insert_sandbox(conn, replace(sandbox, id=entry_id))
             return applied
 
