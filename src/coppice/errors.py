@@ -139,6 +139,34 @@ class GuestUnresponsive(CoppiceError):
         )
 
 
+class SandboxNotRunning(CoppiceError):
+    """In-sandbox traffic for a sandbox that does not exist, or no longer runs. A 502 whose
+    message says "was not found" is what the SDK reads as "sandbox not running"."""
+
+    http_status = 502
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id} was not found")
+        self.sandbox_id = sandbox_id
+
+
+class SandboxUnreachable(SubstrateError):
+    """Connecting to the sandbox failed: it died, or nothing listens on that port. The SDK
+    reads "port is not open" as a running sandbox whose port is closed."""
+
+    def __init__(self, sandbox_id: str, port: int) -> None:
+        super().__init__(f"sandbox {sandbox_id}: port {port} is not open")
+        self.sandbox_id = sandbox_id
+        self.port = port
+
+
+class SandboxIsPaused(CoppiceError):
+    http_status = 502
+
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id} is paused; connect() to it resumes it")
+
+
 class SandboxDied(SubstrateError):
     def __init__(self, entry_id: str, detail: str = "") -> None:
         extra = f": {detail}" if detail else ""

@@ -37,7 +37,11 @@ def test_kill9_of_a_sandbox_is_replaced(pool: PoolController) -> None:
     (survivor,) = [e for e in pool.list("python") if e.id != victim.id]
     assert victim.pid is not None
     os.kill(victim.pid, signal.SIGKILL)
-    time.sleep(0.2)
+    jail = pool.substrate("jail")
+    deadline = time.monotonic() + 10
+    while jail.is_alive(victim.id, victim.handle):  # the kill lands, not a guessed delay
+        assert time.monotonic() < deadline, "SIGKILL did not end the jail's head process"
+        time.sleep(0.01)
 
     report = pool.reconcile()
     assert any(line.startswith(victim.id) for line in report.replaced), report

@@ -66,7 +66,8 @@ class Gw:
 
     def request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
         async def go() -> httpx.Response:
-            transport = httpx.ASGITransport(app=self.app)
+            # As a server would: an app's exception is its 500 answer, not the client's.
+            transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
                 try:
                     return await client.request(method, url, **kwargs)  # type: ignore[arg-type]
@@ -152,3 +153,20 @@ def test_control_plane_lists_newest_first_with_total_running(gw: Gw) -> None:
     assert (
         gw.request("GET", "/v2/sandboxes?owner=me", headers={"X-API-Key": "k"}).status_code == 400
     )
+
+
+def test_a_500_carries_none_of_the_exceptions_text(gw: Gw, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("secret detail of the gateway")
+
+    monkeypatch.setattr(gw.app.gateway.service, "get", broken)
+    answer = gw.request("GET", "/sandboxes/whatever", headers={"X-API-Key": "k"})
+    assert answer.status_code == 500
+    assert "secret" not in answer.text and "log" in answer.json()["message"]
+
+
+def test_a_paused_sandbox_without_auto_resume_says_so(gw: Gw) -> None:
+    h = gw.create()
+    gw.app.gateway.service.pause(tenant(DEFAULT_TENANT), h.sandbox.id)
+    answer = gw.request("GET", "/health", headers=_to(h))
+    assert answer.status_code == 502 and "is paused" in answer.json()["message"]

@@ -3,6 +3,7 @@ or cold, the 429 when neither may happen, idempotency, listing, kill, timeouts a
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +41,8 @@ class Service:
         pool.controller.respawn = False  # as in the gateway: the keeper refills
         self.keeper = PoolKeeper(pool.controller, {TEMPLATE: target}, tick_s=0.05)
         self.ended: list[str] = []
-        self.keeper.on_sandbox_ended = self.ended.append
+        self.changed: list[str] = []
+        self.keeper.notices.subscribe(self.changed.append, self.ended.append)
         self.service = SandboxService(
             pool.settings, pool.controller, self.keeper, TemplateCatalog(pool.store)
         )
@@ -138,6 +140,8 @@ def test_timeout_zero_is_reaped_now_and_auto_pause_pauses(svc: Service) -> None:
     assert paused is not None and paused.entry.state is State.PAUSED
     resumed = svc.service.connect(tenant(), pausing.sandbox.id, 60)
     assert resumed.entry.state is State.IN_USE and resumed.sandbox.end_at > time.time() + 30
+    # The relay heard of both changes to the paused one, and of the end of the other.
+    assert svc.changed == [pausing.sandbox.id, pausing.sandbox.id]
 
 
 def test_a_sandbox_that_died_is_found_by_reconcile(svc: Service) -> None:
@@ -158,4 +162,6 @@ def test_the_template_policy_decides_limits_aliases_and_cold_start(tmp_path: Pat
     with pytest.raises(PoolExhausted):  # the template says: no cold starts
         s.service.create(_request(template_id="tiny"), tenant(), None)
     # The policy survives the store: it is read back, not looked up by name.
-    assert pool.store.get_template(TEMPLATE).policy.limits == small
+    stored = pool.store.get_template(TEMPLATE)
+    assert stored.policy.limits == small
+    assert json.loads(json.dumps(stored.as_json()))["policy"]["aliases"] == ["tiny"]

@@ -90,7 +90,7 @@ def template_list(as_json: bool) -> None:
     settings = _settings()
     records = Store(settings.database_path).list_templates()
     if as_json:
-        click.echo(json.dumps([r.__dict__ for r in records], indent=2))
+        click.echo(json.dumps([r.as_json() for r in records], indent=2))
         return
     from rich.table import Table
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from coppice.errors import CoppiceError, EntryNotFound, IllegalTransition
+from coppice.gateway.notices import SandboxNotices
 from coppice.lifecycle import Event
 from coppice.pool.controller import PoolController
 from coppice.store.store import Applied
@@ -26,6 +26,7 @@ class PoolKeeper:
         targets: dict[str, int],
         tick_s: float = 0.5,
         reconcile_every_s: float = 30.0,
+        notices: SandboxNotices | None = None,
     ) -> None:
         self.controller = controller
         self.store = controller.store
@@ -39,8 +40,7 @@ class PoolKeeper:
         self._warm_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refill")
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
         self._last_reconcile = time.monotonic()
-        #: told of every sandbox this keeper ends (killed, timed out), before its teardown
-        self.on_sandbox_ended: Callable[[str], None] | None = None
+        self.notices = notices or SandboxNotices()
 
     # -- control --------------------------------------------------------------------------------
 
@@ -62,8 +62,8 @@ class PoolKeeper:
         self._wake.set()
 
     def teardown(self, applied: Applied) -> None:
-        if self.on_sandbox_ended is not None:
-            self.on_sandbox_ended(applied.entry.id)
+        """The sandbox is over (its RETURN is committed): say so, then tear down behind."""
+        self.notices.ended(applied.entry.id)
         self._teardowns.submit(self._guarded, "teardown", applied.entry.id, applied)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -114,6 +114,7 @@ class PoolKeeper:
             try:
                 if handed.sandbox.on_timeout == "pause":
                     self.controller.pause_entry(sandbox_id)
+                    self.notices.changed(sandbox_id)
                 else:
                     applied = self.store.apply(sandbox_id, Event.RETURN, "timeout expired")
                     self.teardown(applied)

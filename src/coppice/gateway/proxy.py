@@ -13,14 +13,15 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from coppice.errors import SandboxUnreachable
 from coppice.store.records import HandedOut
 from coppice.substrates.base import AGENT_PORT
 
@@ -52,25 +53,16 @@ class Target:
     port: int
 
 
-def target_of(request: Request, domain: str) -> Target | None:
+def target_of(headers: Mapping[str, str], domain: str) -> Target | None:
     """Which sandbox and port a request is meant for, or None if it is not in-sandbox traffic."""
-    sandbox_id = request.headers.get("e2b-sandbox-id")
+    sandbox_id = headers.get("e2b-sandbox-id")
     if sandbox_id:
-        raw_port = request.headers.get("e2b-sandbox-port", str(AGENT_PORT))
+        raw_port = headers.get("e2b-sandbox-port", str(AGENT_PORT))
         return Target(sandbox_id, int(raw_port) if raw_port.isdigit() else -1)
-    m = _HOST_ROUTE.match(request.headers.get("host", "").lower())
+    m = _HOST_ROUTE.match(headers.get("host", "").lower())
     if m and (not domain or m.group("domain") == domain.lower()):
         return Target(m.group("id"), int(m.group("port")))
     return None
-
-
-def error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"code": status, "message": message}, status_code=status)
-
-
-def not_found(sandbox_id: str) -> JSONResponse:
-    # 502 plus "was not found" is what the SDK reads as "sandbox not running" (spec §2.6).
-    return error(502, f"sandbox {sandbox_id} was not found")
 
 
 def needs_token(target: Target, path: str, query: str = "") -> bool:
@@ -248,12 +240,3 @@ class SandboxDirectory:
 
     def forget(self, sandbox_id: str) -> None:
         self._cache.pop(sandbox_id, None)
-
-
-class SandboxUnreachable(Exception):
-    """Connecting to the sandbox failed: it died, or nothing listens on that port."""
-
-    def __init__(self, sandbox_id: str, port: int) -> None:
-        super().__init__(f"sandbox {sandbox_id}: port {port} is not open")
-        self.sandbox_id = sandbox_id
-        self.port = port

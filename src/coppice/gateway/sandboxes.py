@@ -186,6 +186,7 @@ class SandboxService:
         if handed.entry.state is State.PAUSED:
             raise Conflict(f"sandbox {sandbox_id} is already paused")
         self.controller.pause_entry(sandbox_id)
+        self.keeper.notices.changed(sandbox_id)
 
     def resume(self, who: Principal, sandbox_id: str, timeout_s: int | None) -> HandedOut:
         handed = self.get(who, sandbox_id)
@@ -208,6 +209,7 @@ class SandboxService:
             self.controller.resume_entry(sandbox_id)
         except (EntryNotFound, IllegalTransition):
             raise SandboxNotFound(sandbox_id) from None
+        self.keeper.notices.changed(sandbox_id)
         seconds = timeout_s if timeout_s is not None else int(handed.sandbox.timeout_s)
         self.store.set_sandbox_deadline(sandbox_id, time.time() + seconds, seconds)
         woken = self.store.get_sandbox(sandbox_id)

@@ -59,6 +59,18 @@ class TemplateRecord:
         policy = TemplatePolicy.from_json(json.loads(raw)) if raw else TemplatePolicy()
         return cls(**data, policy=policy)
 
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "substrate": self.substrate,
+            "recipe_hash": self.recipe_hash,
+            "rootfs": self.rootfs,
+            "built_at": self.built_at,
+            "build_seconds": self.build_seconds,
+            "size_bytes": self.size_bytes,
+            "policy": self.policy.to_json(),
+        }
+
     def row(self) -> tuple[Any, ...]:
         return (
             self.name,

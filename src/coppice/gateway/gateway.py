@@ -1,0 +1,70 @@
+"""The gateway's parts, assembled once per process, and the two pools of worker threads the
+ASGI side runs blocking work in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+
+from coppice.config import Settings
+from coppice.errors import SandboxUnreachable
+from coppice.gateway.auth import KeyRing
+from coppice.gateway.keeper import PoolKeeper
+from coppice.gateway.proxy import SandboxDirectory, SandboxProxy
+from coppice.gateway.sandboxes import SandboxService
+from coppice.pool.controller import PoolController
+from coppice.store.records import HandedOut
+from coppice.substrates.base import AGENT_PORT
+
+T = TypeVar("T")
+
+#: quick store work (get, list, kill's commit, connect): never queued behind starts
+QUICK_THREADS = 40
+#: slow lifecycle work (creates, which may start a sandbox cold and take seconds)
+SLOW_THREADS = 16
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    controller: PoolController
+    keys: KeyRing
+    keeper: PoolKeeper
+    service: SandboxService
+    proxy: SandboxProxy
+    directory: SandboxDirectory
+    _quick: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(QUICK_THREADS)
+    )
+    _slow: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(SLOW_THREADS)
+    )
+
+    def template_of(self, handed: HandedOut) -> str:
+        return handed.entry.template
+
+    async def quick(self, fn: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._quick)
+
+    async def slow(self, fn: Callable[..., T], *args: Any) -> T:
+        """Work that can take seconds; it has threads of its own, so a burst of cold
+        starts cannot starve the reads every other request makes."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._slow)
+
+    def dial(self, handed: HandedOut, port: int = AGENT_PORT) -> tuple[str, int]:
+        """Where a sandbox port is reached: its driver says where its agent listens (the
+        E2B protocol names envd's port 49983 whatever the driver does); other ports are on
+        the same host."""
+        handle = handed.entry.handle
+        if handle is None:
+            raise SandboxUnreachable(handed.sandbox.id, port)
+        sub = self.controller.substrate(handed.entry.substrate)
+        host, agent_port = sub.agent_address(handle)
+        return host, agent_port if port == AGENT_PORT else port
+
+    def entry_alive(self, handed: HandedOut) -> bool:
+        sub = self.controller.substrate(handed.entry.substrate)
+        return sub.is_alive(handed.entry.id, handed.entry.handle)

@@ -1,0 +1,78 @@
+"""In-sandbox traffic, as a plain ASGI app: the target (sandbox and port) is worked out once,
+by `GatewayApp`, and left in the scope; here it is checked (token, private ports, paused)
+and relayed. Errors leave through `http_errors` like the control plane's."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from coppice.errors import (
+    CoppiceError,
+    Forbidden,
+    InvalidRequest,
+    SandboxIsPaused,
+    SandboxNotRunning,
+    SandboxUnreachable,
+    Unauthorized,
+)
+from coppice.gateway import http_errors
+from coppice.gateway.gateway import Gateway
+from coppice.gateway.proxy import (
+    TRAFFIC_TOKEN_HEADER,
+    Target,
+    needs_token,
+    token_ok,
+    traffic_allowed,
+)
+from coppice.lifecycle import State
+
+#: where GatewayApp leaves the target it found, so nothing downstream matches it again
+TARGET_KEY = "coppice.target"
+
+
+class Relay:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        target = scope[TARGET_KEY]
+        assert isinstance(target, Target)
+        request = Request(scope, receive)
+        try:
+            response = await self._relay(request, target)
+        except CoppiceError as exc:
+            response = http_errors.from_coppice(exc)
+        except Exception as exc:
+            response = http_errors.unexpected(exc)
+        await response(scope, receive, send)
+
+    async def _relay(self, request: Request, target: Target) -> Response:
+        gw = self.gateway
+        handed = gw.directory.get(target.sandbox_id)
+        if handed is None:
+            await gw.proxy.forget(target.sandbox_id)
+            raise SandboxNotRunning(target.sandbox_id)
+        if needs_token(target, request.url.path, request.url.query) and not token_ok(
+            handed, request
+        ):
+            raise Unauthorized("missing or wrong X-Access-Token for this sandbox")
+        if not traffic_allowed(handed, target, request):
+            raise Forbidden(
+                f"sandbox {target.sandbox_id} does not allow public traffic: send its "
+                f"trafficAccessToken in the {TRAFFIC_TOKEN_HEADER} header"
+            )
+        if not 0 < target.port < 65536:
+            raise InvalidRequest(f"E2b-Sandbox-Port {target.port} is not a port number")
+        if handed.entry.state is not State.IN_USE:
+            gw.directory.forget(target.sandbox_id)
+            if not await gw.quick(gw.service.auto_resume, target.sandbox_id):
+                raise SandboxIsPaused(target.sandbox_id)
+        try:
+            return await gw.proxy.relay(request, handed, *gw.dial(handed, target.port))
+        except SandboxUnreachable:
+            gw.directory.forget(target.sandbox_id)
+            if not await gw.quick(gw.entry_alive, handed):
+                raise SandboxNotRunning(target.sandbox_id) from None
+            raise
