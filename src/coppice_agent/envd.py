@@ -12,8 +12,6 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -38,27 +36,41 @@ _OPEN_PATHS = frozenset({"/health"})
 log = logging.getLogger("coppice_agent.envd")
 
 
+class Envd:
+    """envd's services for one sandbox and the app serving them.
+
+    `aclose()` is the one place they stop: it closes every watcher and kills every process
+    tree still running. Whoever serves `app` calls it once the server has stopped (the agent:
+    `server.Agent`)."""
+
+    def __init__(
+        self,
+        env: SandboxEnvironment,
+        *,
+        processes: ProcessService | None = None,
+        filesystem: FilesystemService | None = None,
+        keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+    ) -> None:
+        self.processes = processes or ProcessService(env, keepalive_interval=keepalive_interval)
+        self.filesystem = filesystem or FilesystemService(
+            env, keepalive_interval=keepalive_interval
+        )
+        self.app = build_envd_app(env, self.processes, self.filesystem)
+
+    async def aclose(self) -> None:
+        try:
+            self.filesystem.close()
+        finally:
+            await self.processes.aclose()
+
+
 def build_envd_app(
-    env: SandboxEnvironment,
-    *,
-    processes: ProcessService | None = None,
-    filesystem: FilesystemService | None = None,
-    keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
+    env: SandboxEnvironment, processes: ProcessService, filesystem: FilesystemService
 ) -> ASGIApp:
-    """The whole envd surface for one sandbox. On shutdown (ASGI lifespan) every process
-    tree still running is killed and every watcher closed."""
-    processes = processes or ProcessService(env, keepalive_interval=keepalive_interval)
-    filesystem = filesystem or FilesystemService(env, keepalive_interval=keepalive_interval)
+    """The whole envd surface for one sandbox, serving `processes` and `filesystem`. It has no
+    lifespan of its own: stopping those is their owner's job (`Envd.aclose`)."""
     process_app = ProcessASGIApplication(processes, read_max_bytes=RPC_READ_MAX_BYTES)
     filesystem_app = FilesystemASGIApplication(filesystem, read_max_bytes=RPC_READ_MAX_BYTES)
-
-    @asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            filesystem.close()
-            await processes.aclose()
 
     async def health(_: Request) -> Response:
         return Response(status_code=204)
@@ -92,7 +104,6 @@ def build_envd_app(
             Mount(process_app.path, app=process_app),
             Mount(filesystem_app.path, app=filesystem_app),
         ],
-        lifespan=lifespan,
     )
     return AccessTokenGate(app, env)
 

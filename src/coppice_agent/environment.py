@@ -9,6 +9,8 @@ import hmac
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+from coppice_agent.users import SandboxUser
+
 InitListener = Callable[["SandboxEnvironment"], Awaitable[None]]
 
 
@@ -18,12 +20,20 @@ class SandboxEnvironment:
     default_workdir: str | None = None
     env_vars: dict[str, str] = field(default_factory=dict)
     access_token: str | None = None
+    #: How a user name becomes an account (raises UnknownUser): the accounts database. Tests
+    #: swap in one that gives root a scratch home, so that nothing they run as root lands in
+    #: the real /root.
+    lookup_user: Callable[[str], SandboxUser] = field(default=SandboxUser.lookup, repr=False)
     _listeners: list[InitListener] = field(default_factory=list, repr=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def on_init(self, listener: InitListener) -> None:
         """`listener` runs after every successful init, e.g. to push env vars into kernels."""
         self._listeners.append(listener)
+
+    def user(self, name: str | None = None) -> SandboxUser:
+        """The account `name` names, or the default user's. Raises UnknownUser."""
+        return self.lookup_user(name or self.default_user)
 
     def token_ok(self, presented: str | None) -> bool:
         if self.access_token is None:

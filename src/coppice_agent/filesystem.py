@@ -1,12 +1,22 @@
 """envd's filesystem service (`filesystem.Filesystem`): stat, list, mkdir, move, remove and
 directory watches, acting as the request's user (relative paths start at their home; what
-this service creates belongs to them). All disk work runs in worker threads."""
+this service creates belongs to them). All disk work runs in worker threads.
+
+A watch keeps at most `MAX_BUFFERED_EVENTS` events its client has not read yet, whether it
+is polled (CreateWatcher, GetWatcherEvents) or streamed (WatchDir): the agent lives in the
+sandbox's memory cgroup, and a client that stops reading must not grow it. One event more,
+or the kernel's own inotify queue overflowing, and the watch stops, logging a warning. The
+client still gets every event kept before the gap, then the error envd gives for a watch
+whose fsnotify queue overflowed: `internal`, "watcher error: ..." (the stream ends with it;
+every later GetWatcherEvents returns it). It has to list the directory and watch it anew:
+a watch that went on past a gap would report changes to a state the client never saw."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import uuid
@@ -52,12 +62,13 @@ from coppice_agent.rpc.filesystem.filesystem_pb import (
 from coppice_agent.users import SandboxUser, UnknownUser, user_from_basic_auth
 
 DEFAULT_KEEPALIVE_INTERVAL = 30.0
-# A polled watcher nobody polls must not grow without bound; the oldest events go first.
 MAX_BUFFERED_EVENTS = 10_000
 
 Ctx: TypeAlias = RequestContext[Any, Any]
 WatchRequest: TypeAlias = WatchDirRequest | CreateWatcherRequest
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _EVENT_TYPES = {
     Change.CREATE: EventType.CREATE,
@@ -77,16 +88,22 @@ class FilesystemService(Filesystem):
         *,
         keepalive_interval: float = DEFAULT_KEEPALIVE_INTERVAL,
         mountinfo: str = MOUNTINFO,
+        max_buffered_events: int = MAX_BUFFERED_EVENTS,
     ) -> None:
         self._env = env
         self._keepalive_interval = keepalive_interval
         self._mountinfo = mountinfo
-        self._watchers: dict[str, _BufferedWatcher] = {}
+        self._max_buffered_events = max_buffered_events
+        self._watchers: dict[str, _Watch] = {}
+        self._streams: set[_Watch] = set()
 
     def close(self) -> None:
-        for watcher in self._watchers.values():
-            watcher.watch.close()
+        """Stop every watch, polled or streamed (a stream still open then sees no more
+        events)."""
+        for watch in [*self._watchers.values(), *self._streams]:
+            watch.close()
         self._watchers.clear()
+        self._streams.clear()
 
     async def stat(self, request: StatRequest, ctx: Ctx, /) -> StatResponse:
         path = await self._path(request.path, ctx)
@@ -161,63 +178,54 @@ class FilesystemService(Filesystem):
         self, request: WatchDirRequest, ctx: Ctx, /
     ) -> AsyncIterator[WatchDirResponse]:
         path = await self._path(request.path, ctx)
-        queue: asyncio.Queue[FilesystemEvent] = asyncio.Queue()
-        watch = await self._open_watch(path, request, queue.put_nowait)
+        watch = await self._open_watch(path, request)
+        self._streams.add(watch)
         interval = self._keepalive(ctx)
-        getter: asyncio.Future[FilesystemEvent] | None = None
         try:
             start: Oneof[Literal["start"], WatchDirResponse.StartEvent] = Oneof(
                 "start", WatchDirResponse.StartEvent()
             )
             yield WatchDirResponse(event=start)
             while True:
-                if getter is None:
-                    getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter}, timeout=interval)
-                if not done:
+                if not await watch.wait(interval):
                     keepalive: Oneof[Literal["keepalive"], WatchDirResponse.KeepAlive] = Oneof(
                         "keepalive", WatchDirResponse.KeepAlive()
                     )
                     yield WatchDirResponse(event=keepalive)
                     continue
-                event = getter.result()
-                getter = None
-                change: Oneof[Literal["filesystem"], FilesystemEvent] = Oneof("filesystem", event)
-                yield WatchDirResponse(event=change)
+                for event in watch.take():
+                    change: Oneof[Literal["filesystem"], FilesystemEvent] = Oneof(
+                        "filesystem", event
+                    )
+                    yield WatchDirResponse(event=change)
         finally:
-            if getter is not None:
-                getter.cancel()
+            self._streams.discard(watch)
             watch.close()
 
     async def create_watcher(
         self, request: CreateWatcherRequest, ctx: Ctx, /
     ) -> CreateWatcherResponse:
         path = await self._path(request.path, ctx)
-        events: deque[FilesystemEvent] = deque(maxlen=MAX_BUFFERED_EVENTS)
-        watch = await self._open_watch(path, request, events.append)
         watcher_id = str(uuid.uuid4())
-        self._watchers[watcher_id] = _BufferedWatcher(watch, events)
+        self._watchers[watcher_id] = await self._open_watch(path, request)
         return CreateWatcherResponse(watcher_id=watcher_id)
 
     async def get_watcher_events(
         self, request: GetWatcherEventsRequest, ctx: Ctx, /
     ) -> GetWatcherEventsResponse:
-        watcher = self._watcher(request.watcher_id)
-        events = list(watcher.events)
-        watcher.events.clear()
-        return GetWatcherEventsResponse(events=events)
+        return GetWatcherEventsResponse(events=self._watcher(request.watcher_id).take())
 
     async def remove_watcher(
         self, request: RemoveWatcherRequest, ctx: Ctx, /
     ) -> RemoveWatcherResponse:
-        watcher = self._watcher(request.watcher_id)
+        watch = self._watcher(request.watcher_id)
         del self._watchers[request.watcher_id]
-        watcher.watch.close()
+        watch.close()
         return RemoveWatcherResponse()
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _watcher(self, watcher_id: str) -> _BufferedWatcher:
+    def _watcher(self, watcher_id: str) -> _Watch:
         watcher = self._watchers.get(watcher_id)
         if watcher is None:
             raise ConnectError(Code.NOT_FOUND, f"watcher {watcher_id!r} not found")
@@ -241,10 +249,9 @@ class FilesystemService(Filesystem):
                 interval = min(interval, float(requested))
         return interval
 
-    async def _open_watch(
-        self, path: str, request: WatchRequest, sink: Callable[[FilesystemEvent], None]
-    ) -> DirectoryWatch:
+    async def _open_watch(self, path: str, request: WatchRequest) -> _Watch:
         include_entry = request.include_entry
+        watch = _Watch(path, self._max_buffered_events)
 
         def deliver(change: FsChange) -> None:
             event = FilesystemEvent(name=change.name, type=_EVENT_TYPES[change.change])
@@ -255,13 +262,19 @@ class FilesystemService(Filesystem):
                     event = FilesystemEvent(
                         name=change.name, type=_EVENT_TYPES[change.change], entry=entry
                     )
-            sink(event)
+            watch.add(event)
 
         await _on_disk(self._check_watchable, path, request.allow_network_mounts)
         try:
-            return await DirectoryWatch.open(path, recursive=request.recursive, listener=deliver)
+            watch.inotify = await DirectoryWatch.open(
+                path,
+                recursive=request.recursive,
+                listener=deliver,
+                on_overflow=lambda: watch.lose("the kernel's inotify queue overflowed"),
+            )
         except OSError as exc:
             raise _os_error(exc, path) from None
+        return watch
 
     def _check_watchable(self, path: str, allow_network_mounts: bool) -> None:
         target = Path(path)
@@ -280,10 +293,62 @@ class FilesystemService(Filesystem):
             )
 
 
-class _BufferedWatcher:
-    def __init__(self, watch: DirectoryWatch, events: deque[FilesystemEvent]) -> None:
-        self.watch = watch
-        self.events = events
+class _Watch:
+    """One directory watch and the events it has raised that its client has not read yet: at
+    most `limit`, then the watch stops (see the module's docstring)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.inotify: DirectoryWatch | None = None
+        self._limit = limit
+        self._events: deque[FilesystemEvent] = deque()
+        self._ready = asyncio.Event()
+        self._lost: str | None = None
+
+    def add(self, event: FilesystemEvent) -> None:
+        if self._lost is not None:
+            return
+        if len(self._events) >= self._limit:
+            self.lose(f"more than {self._limit} events were waiting for the client to read")
+            return
+        self._events.append(event)
+        self._ready.set()
+
+    def lose(self, reason: str) -> None:
+        """Events are being lost: stop watching, and tell the client once it has read the rest."""
+        if self._lost is not None:
+            return
+        self._lost = reason
+        log.warning("watch of %s stopped: %s", self.path, reason)
+        self.close()
+        self._ready.set()
+
+    def take(self) -> list[FilesystemEvent]:
+        """Every event not read yet; once none are left of a watch that lost some, the error
+        that says so."""
+        if not self._events and self._lost is not None:
+            raise ConnectError(
+                Code.INTERNAL,
+                f"watcher error: {self._lost}, and later changes were lost; list {self.path} "
+                "again and start a new watch",
+            )
+        events = list(self._events)
+        self._events.clear()
+        if self._lost is None:
+            self._ready.clear()
+        return events
+
+    async def wait(self, timeout: float) -> bool:
+        """Whether something is there to `take` within `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.inotify is not None:
+            self.inotify.close()
 
 
 def _walk(directory: str, depth: int, entries: list[EntryInfo]) -> None:

@@ -25,6 +25,7 @@ _IN_CREATE = 0x100
 _IN_DELETE = 0x200
 _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800
+_IN_Q_OVERFLOW = 0x4000
 _IN_IGNORED = 0x8000
 _IN_ISDIR = 0x40000000
 _IN_ONLYDIR = 0x01000000
@@ -61,6 +62,7 @@ class FsChange:
 
 
 Listener = Callable[[FsChange], None]
+Overflow = Callable[[], None]
 
 _libc: ctypes.CDLL | None = None
 
@@ -82,20 +84,28 @@ def _check(result: int, what: str) -> int:
 
 class DirectoryWatch:
     """Watches `root` (and, if `recursive`, every directory below it, including new ones) and
-    calls `listener` on the event loop for every change. Close it with `close()`."""
+    calls `listener` on the event loop for every change. Close it with `close()`.
 
-    def __init__(self, root: str, *, recursive: bool, listener: Listener) -> None:
+    The kernel queues at most fs.inotify.max_queued_events changes for a watch nobody reads;
+    past that it drops changes and says so once, and this calls `on_overflow`."""
+
+    def __init__(
+        self, root: str, *, recursive: bool, listener: Listener, on_overflow: Overflow
+    ) -> None:
         self.root = root
         self.recursive = recursive
         self._listener = listener
+        self._on_overflow = on_overflow
         self._fd = _check(_lib().inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC), "inotify_init1")
         self._dirs: dict[int, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
     @classmethod
-    async def open(cls, root: str, *, recursive: bool, listener: Listener) -> DirectoryWatch:
-        watch = cls(root, recursive=recursive, listener=listener)
+    async def open(
+        cls, root: str, *, recursive: bool, listener: Listener, on_overflow: Overflow
+    ) -> DirectoryWatch:
+        watch = cls(root, recursive=recursive, listener=listener, on_overflow=on_overflow)
         try:
             # Walking a large tree is disk I/O: keep it off the event loop.
             await asyncio.to_thread(watch._add_tree, root)
@@ -140,11 +150,16 @@ class DirectoryWatch:
         except BlockingIOError:
             return
         offset = 0
-        while offset + _HEADER.size <= len(buffer):
+        # A callback may close the watch; its descriptor's number may already belong to
+        # another file, so nothing more of this buffer goes near it.
+        while offset + _HEADER.size <= len(buffer) and not self.closed:
             wd, mask, _cookie, length = _HEADER.unpack_from(buffer, offset)
             offset += _HEADER.size
             raw_name = buffer[offset : offset + length].rstrip(b"\0")
             offset += length
+            if mask & _IN_Q_OVERFLOW:
+                self._on_overflow()
+                continue
             self._dispatch(wd, mask, os.fsdecode(raw_name))
 
     def _dispatch(self, wd: int, mask: int, name: str) -> None:

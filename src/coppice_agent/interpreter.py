@@ -244,7 +244,7 @@ class Interpreter:
 
     def _user(self) -> SandboxUser:
         try:
-            return SandboxUser.lookup(self._env.default_user)
+            return self._env.user()
         except UnknownUser as exc:
             raise BadContextRequest(str(exc)) from None
 
@@ -258,7 +258,7 @@ class Interpreter:
         run as the default user /init named."""
         async with self._lifecycle:
             try:
-                user = SandboxUser.lookup(env.default_user)
+                user = env.user()
             except UnknownUser:
                 log.warning("default user %r unknown; kernels keep their user", env.default_user)
                 user = None

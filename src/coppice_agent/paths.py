@@ -13,7 +13,7 @@ from coppice_agent.users import SandboxUser
 
 def acting_user(env: SandboxEnvironment, name: str | None) -> SandboxUser:
     """The named user, or the sandbox's default user. Raises `UnknownUser`."""
-    return SandboxUser.lookup(name or env.default_user)
+    return env.user(name)
 
 
 def resolve_path(path: str, user: SandboxUser) -> str:

@@ -1,42 +1,36 @@
-"""envd's process service (`process.Process`): start commands as a sandbox user, stream their
-output to any number of watchers, feed their stdin or PTY, signal their process group.
+"""envd's process service (`process.Process`): the RPCs that start commands as a sandbox user,
+stream their output to any number of followers, feed their stdin or PTY and signal them.
 
-A process outlives the request that started it: closing a stream only drops that watcher, and
-`Connect` attaches a new one. Every process leads its own session, so a signal reaches the
-whole tree it spawned (`sh -c 'sleep 100 & sleep 100'` dies as one)."""
+A process outlives the request that started it: closing a stream only stops that stream
+following it, and `Connect` follows it anew. Every process leads its own session, so a signal
+reaches the whole tree it spawned (`sh -c 'sleep 100 & sleep 100'` dies as one). Starting one
+is `spawn`'s job, running it `started_process`'s, and handing its events to every stream
+`process_events`'s."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import os
 import signal
-import struct
-import subprocess
-import termios
-import threading
 from collections.abc import AsyncIterator
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
-from protobuf import Oneof
 
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.paths import acting_user, resolve_path
+from coppice_agent.process_events import is_end, keepalive_event, start_event
 from coppice_agent.rpc.process.process_connect import Process
 from coppice_agent.rpc.process.process_pb import (
-    PTY,
     CloseStdinRequest,
     CloseStdinResponse,
     ConnectRequest,
     ConnectResponse,
     ListRequest,
     ListResponse,
-    ProcessConfig,
     ProcessEvent,
     ProcessInfo,
     ProcessInput,
@@ -53,161 +47,14 @@ from coppice_agent.rpc.process.process_pb import (
     UpdateRequest,
     UpdateResponse,
 )
+from coppice_agent.spawn import NoControllingTerminal, SpawnSpec
+from coppice_agent.started_process import StartedProcess
 from coppice_agent.users import SandboxUser, UnknownUser, user_from_basic_auth
 
 DEFAULT_KEEPALIVE_INTERVAL = 30.0
-_READ_SIZE = 64 * 1024
-# After the leader exits, how long to keep reading output its children may still be flushing.
-# Descendants that keep the pipes open (`sleep 100 &`) must not hold the end event back.
-_DRAIN_GRACE = 0.2
 _SIGNALS = {Signal.SIGTERM: signal.SIGTERM, Signal.SIGKILL: signal.SIGKILL}
 
 Ctx: TypeAlias = RequestContext[Any, Any]
-
-
-class ManagedProcess:
-    """One started process: its pipes or PTY, its watchers, and the task that reaps it."""
-
-    def __init__(
-        self,
-        popen: subprocess.Popen[bytes],
-        config: ProcessConfig,
-        tag: str | None,
-        *,
-        outputs: dict[str, int],
-        stdin_fd: int | None,
-        pty_master: int | None,
-    ) -> None:
-        self.popen = popen
-        self.pid = popen.pid
-        self.config = config
-        self.tag = tag
-        self.pty_master = pty_master
-        self._outputs = outputs
-        self._stdin_fd = stdin_fd
-        self._watchers: set[asyncio.Queue[ProcessEvent]] = set()
-        self._input_lock = asyncio.Lock()
-        self._kill_timer: asyncio.TimerHandle | None = None
-        self.ended = asyncio.Event()
-        # Set when the Start deadline killed it: that stream reports the deadline, not an exit.
-        self.timed_out = False
-
-    def kill_at(self, deadline: float) -> None:
-        """SIGKILL the tree at `deadline` (event-loop time) unless it has ended by then."""
-        loop = asyncio.get_running_loop()
-        self._kill_timer = loop.call_at(deadline, self._deadline_passed)
-
-    def _deadline_passed(self) -> None:
-        self.timed_out = True
-        self.kill_group(signal.SIGKILL)
-
-    def watch(self) -> asyncio.Queue[ProcessEvent]:
-        queue: asyncio.Queue[ProcessEvent] = asyncio.Queue()
-        self._watchers.add(queue)
-        return queue
-
-    def unwatch(self, queue: asyncio.Queue[ProcessEvent]) -> None:
-        self._watchers.discard(queue)
-
-    def _publish(self, event: ProcessEvent) -> None:
-        for queue in self._watchers:
-            queue.put_nowait(event)
-
-    async def run(self) -> None:
-        """Pump output until the process has exited and its output is drained, then publish
-        the end event. Runs as a task for the lifetime of the process."""
-        pumps = [asyncio.create_task(self._pump(fd, field)) for field, fd in self._outputs.items()]
-        try:
-            returncode = await _wait_exit(self.popen)
-            if pumps:
-                await asyncio.wait(pumps, timeout=_DRAIN_GRACE)
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            for field, fd in self._outputs.items():
-                self._drain_now(fd, field)
-        finally:
-            if self._kill_timer is not None:
-                self._kill_timer.cancel()
-            for fd in self._outputs.values():
-                os.close(fd)
-            self._close_stdin_fd()
-        self._publish(_end_event(returncode))
-        self.ended.set()
-
-    async def _pump(self, fd: int, field: str) -> None:
-        while True:
-            try:
-                chunk = os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                await _ready(fd, writable=False)
-                continue
-            except OSError as exc:
-                # A PTY master reads EIO once the last slave descriptor is closed.
-                if exc.errno == errno.EIO:
-                    return
-                raise
-            if not chunk:
-                return
-            self._publish(_data_event(field, chunk))
-
-    def _drain_now(self, fd: int, field: str) -> None:
-        while True:
-            try:
-                chunk = os.read(fd, _READ_SIZE)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self._publish(_data_event(field, chunk))
-
-    async def write_input(self, data: bytes) -> None:
-        fd = self.pty_master if self.pty_master is not None else self._stdin_fd
-        if fd is None:
-            raise ConnectError(
-                Code.FAILED_PRECONDITION, f"process {self.pid} was started without stdin"
-            )
-        async with self._input_lock:
-            view = memoryview(data)
-            while view:
-                try:
-                    written = os.write(fd, view)
-                except BlockingIOError:
-                    await _ready(fd, writable=True)
-                    continue
-                except OSError as exc:
-                    raise ConnectError(
-                        Code.FAILED_PRECONDITION,
-                        f"cannot write to process {self.pid}: {exc.strerror}",
-                    ) from None
-                view = view[written:]
-
-    async def close_stdin(self) -> None:
-        if self.pty_master is not None:
-            raise ConnectError(
-                Code.FAILED_PRECONDITION,
-                f"process {self.pid} uses a PTY; send the EOF character (^D) instead",
-            )
-        async with self._input_lock:
-            self._close_stdin_fd()
-
-    def _close_stdin_fd(self) -> None:
-        if self._stdin_fd is not None:
-            os.close(self._stdin_fd)
-            self._stdin_fd = None
-
-    def resize(self, size: PTY.Size) -> None:
-        if self.pty_master is None:
-            raise ConnectError(Code.FAILED_PRECONDITION, f"process {self.pid} has no PTY")
-        _set_winsize(self.pty_master, size)
-
-    def kill_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            # The leader may have left its group (setsid in a child); signal it alone then.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signum)
 
 
 class ProcessService(Process):
@@ -221,7 +68,7 @@ class ProcessService(Process):
     ) -> None:
         self._env = env
         self._keepalive_interval = keepalive_interval
-        self._processes: dict[int, ManagedProcess] = {}
+        self._processes: dict[int, StartedProcess] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def aclose(self) -> None:
@@ -230,6 +77,13 @@ class ProcessService(Process):
             proc.kill_group(signal.SIGKILL)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+
+    def find(self, pid: int) -> StartedProcess | None:
+        """The process `pid` while it runs, or None."""
+        proc = self._processes.get(pid)
+        if proc is None or proc.ended.is_set():
+            return None
+        return proc
 
     # -- RPCs -----------------------------------------------------------------------------
 
@@ -256,7 +110,7 @@ class ProcessService(Process):
         # A Connect deadline ends only this stream; the process keeps running.
         deadline = _deadline(ctx)
         proc = self._select(request.process)
-        queue = proc.watch()
+        queue = proc.events.follow()
         async for event in self._follow(proc, queue, ctx, deadline, started_it=False):
             yield ConnectResponse(event=event)
 
@@ -274,7 +128,7 @@ class ProcessService(Process):
     async def stream_input(
         self, request: AsyncIterator[StreamInputRequest], ctx: Ctx, /
     ) -> StreamInputResponse:
-        proc: ManagedProcess | None = None
+        proc: StartedProcess | None = None
         async for message in request:
             event = message.event
             if event is None or event.field == "keepalive":
@@ -304,13 +158,13 @@ class ProcessService(Process):
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _select(self, selector: ProcessSelector | None) -> ManagedProcess:
+    def _select(self, selector: ProcessSelector | None) -> StartedProcess:
         choice = selector.selector if selector is not None else None
         if choice is None:
             raise ConnectError(Code.INVALID_ARGUMENT, "a process selector (pid or tag) is required")
         if choice.field == "pid":
-            proc = self._processes.get(choice.value)
-            if proc is not None and not proc.ended.is_set():
+            proc = self.find(choice.value)
+            if proc is not None:
                 return proc
             raise ConnectError(Code.NOT_FOUND, f"process with pid {choice.value} not found")
         for proc in self._processes.values():
@@ -324,7 +178,7 @@ class ProcessService(Process):
 
     async def _spawn(
         self, request: StartRequest, ctx: Ctx
-    ) -> tuple[ManagedProcess, asyncio.Queue[ProcessEvent]]:
+    ) -> tuple[StartedProcess, asyncio.Queue[ProcessEvent]]:
         config = request.process
         if config is None or not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
@@ -338,22 +192,32 @@ class ProcessService(Process):
                 raise ConnectError(Code.INVALID_ARGUMENT, f"cwd {cwd!r} does not exist")
             # Only an explicit cwd must exist; accounts like nobody have no home.
             cwd = "/"
-        spec = _SpawnSpec([config.cmd, *config.args], env, cwd, user, request)
+        spec = SpawnSpec(
+            argv=[config.cmd, *config.args],
+            env=env,
+            cwd=cwd,
+            user=user,
+            pty=request.pty,
+            # SDKs before `stdin` existed expected a writable stdin on every process.
+            with_stdin=request.stdin if request.has_field("stdin") else True,
+        )
         try:
-            proc = await asyncio.to_thread(spec.spawn)
+            child = await asyncio.to_thread(spec.spawn)
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise ConnectError(
                 Code.INVALID_ARGUMENT, f"cannot start {config.cmd!r}: {exc.strerror}"
             ) from None
-        except OSError as exc:
+        except (NoControllingTerminal, OSError) as exc:
             raise ConnectError(Code.INTERNAL, f"cannot start {config.cmd!r}: {exc}") from None
-        # Watch before the pumps run so the starting stream sees the very first byte.
-        queue = proc.watch()
+        tag = request.tag if request.has_field("tag") else None
+        proc = StartedProcess(child, config, tag)
+        # Follow before the pumps run so the starting stream sees the very first byte.
+        queue = proc.events.follow()
         self._processes[proc.pid] = proc
         self._keep(asyncio.create_task(self._supervise(proc)))
         return proc, queue
 
-    async def _supervise(self, proc: ManagedProcess) -> None:
+    async def _supervise(self, proc: StartedProcess) -> None:
         try:
             await proc.run()
         finally:
@@ -369,7 +233,7 @@ class ProcessService(Process):
 
     async def _follow(
         self,
-        proc: ManagedProcess,
+        proc: StartedProcess,
         queue: asyncio.Queue[ProcessEvent],
         ctx: Ctx,
         deadline: float | None,
@@ -385,7 +249,7 @@ class ProcessService(Process):
         loop = asyncio.get_running_loop()
         getter: asyncio.Future[ProcessEvent] | None = None
         try:
-            yield _start_event(proc.pid)
+            yield start_event(proc.pid)
             while True:
                 wait = interval
                 if deadline is not None:
@@ -397,11 +261,11 @@ class ProcessService(Process):
                 done, _ = await asyncio.wait({getter}, timeout=wait)
                 if not done:
                     if deadline is None or loop.time() < deadline:
-                        yield _keepalive_event()
+                        yield keepalive_event()
                     continue
                 event = getter.result()
                 getter = None
-                if event.event is not None and event.event.field == "end":
+                if is_end(event):
                     if started_it and proc.timed_out:
                         # The kill timer beat this loop's own check to the deadline.
                         raise _deadline_exceeded()
@@ -411,120 +275,7 @@ class ProcessService(Process):
         finally:
             if getter is not None:
                 getter.cancel()
-            proc.unwatch(queue)
-
-
-class _SpawnSpec:
-    """Everything `Popen` needs; `spawn` runs in a worker thread since fork/exec blocks."""
-
-    def __init__(
-        self,
-        argv: list[str],
-        env: dict[str, str],
-        cwd: str,
-        user: SandboxUser,
-        request: StartRequest,
-    ) -> None:
-        self.argv = argv
-        self.env = env
-        self.cwd = cwd
-        self.user = user
-        self.pty = request.pty
-        # SDKs before `stdin` existed expected a writable stdin on every process.
-        self.with_stdin = request.stdin if request.has_field("stdin") else True
-        self.config = request.process or ProcessConfig()
-        self.tag = request.tag if request.has_field("tag") else None
-
-    def spawn(self) -> ManagedProcess:
-        if self.pty is not None:
-            return self._spawn_pty()
-        return self._spawn_pipes()
-
-    def _identity(self) -> dict[str, Any]:
-        if self.user.is_current:
-            return {}
-        return {
-            "user": self.user.uid,
-            "group": self.user.gid,
-            "extra_groups": list(self.user.groups),
-        }
-
-    def _spawn_pipes(self) -> ManagedProcess:
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        in_r, in_w = os.pipe() if self.with_stdin else (subprocess.DEVNULL, -1)
-        child_ends = [out_w, err_w] + ([in_r] if self.with_stdin else [])
-        parent_ends = [out_r, err_r] + ([in_w] if self.with_stdin else [])
-        try:
-            popen = subprocess.Popen(
-                self.argv,
-                stdin=in_r,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=self.cwd,
-                env=self.env,
-                start_new_session=True,
-                **self._identity(),
-            )
-        except BaseException:
-            for fd in child_ends + parent_ends:
-                os.close(fd)
-            raise
-        for fd in child_ends:
-            os.close(fd)
-        for fd in parent_ends:
-            os.set_blocking(fd, False)
-        return ManagedProcess(
-            popen,
-            self.config,
-            self.tag,
-            outputs={"stdout": out_r, "stderr": err_r},
-            stdin_fd=in_w if self.with_stdin else None,
-            pty_master=None,
-        )
-
-    def _spawn_pty(self) -> ManagedProcess:
-        master, slave = os.openpty()
-        try:
-            if self.pty is not None and self.pty.size is not None:
-                _set_winsize(master, self.pty.size)
-            if not self.user.is_current:
-                os.fchown(slave, self.user.uid, -1)
-            popen = subprocess.Popen(
-                self.argv,
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=self.cwd,
-                env=self.env,
-                start_new_session=True,
-                preexec_fn=_take_controlling_terminal,
-                **self._identity(),
-            )
-        except BaseException:
-            os.close(master)
-            raise
-        finally:
-            os.close(slave)
-        os.set_blocking(master, False)
-        return ManagedProcess(
-            popen,
-            self.config,
-            self.tag,
-            outputs={"pty": master},
-            stdin_fd=None,
-            pty_master=master,
-        )
-
-
-def _take_controlling_terminal() -> None:
-    # Runs in the child after setsid(): make the PTY on fd 0 the session's terminal, so job
-    # control, ^C and SIGWINCH on resize reach the shell.
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
-def _set_winsize(fd: int, size: PTY.Size) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.rows, size.cols, 0, 0))
+            proc.events.unfollow(queue)
 
 
 def _deadline(ctx: Ctx) -> float | None:
@@ -547,108 +298,7 @@ async def _request_user(env: SandboxEnvironment, ctx: Ctx) -> SandboxUser:
         raise ConnectError(Code.INVALID_ARGUMENT, str(exc)) from None
 
 
-async def _ready(fd: int, *, writable: bool) -> None:
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    if writable:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        if writable:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
-
-
-async def _wait_exit(popen: subprocess.Popen[bytes]) -> int:
-    """Wait for the exit without a blocked thread (pidfd), and reap it."""
-    try:
-        pidfd = os.pidfd_open(popen.pid)
-    except OSError:
-        return await _wait_exit_in_thread(popen)
-    try:
-        await _ready(pidfd, writable=False)
-    finally:
-        os.close(pidfd)
-    returncode = popen.poll()
-    if returncode is None:
-        # pidfd readable means exited; a racing reaper elsewhere would make poll() see ECHILD.
-        returncode = popen.wait()
-    return returncode
-
-
-async def _wait_exit_in_thread(popen: subprocess.Popen[bytes]) -> int:
-    # Kernels without pidfd_open: a dedicated thread, so long-lived processes cannot starve
-    # the shared default executor.
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[int] = loop.create_future()
-
-    def wait() -> None:
-        code = popen.wait()
-        loop.call_soon_threadsafe(_settle, done, code)
-
-    threading.Thread(target=wait, name=f"wait-{popen.pid}", daemon=True).start()
-    return await done
-
-
-def _settle(future: asyncio.Future[int], value: int) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _start_event(pid: int) -> ProcessEvent:
-    start: Oneof[Literal["start"], ProcessEvent.StartEvent] = Oneof(
-        "start", ProcessEvent.StartEvent(pid=pid)
-    )
-    return ProcessEvent(event=start)
-
-
-def _keepalive_event() -> ProcessEvent:
-    keepalive: Oneof[Literal["keepalive"], ProcessEvent.KeepAlive] = Oneof(
-        "keepalive", ProcessEvent.KeepAlive()
-    )
-    return ProcessEvent(event=keepalive)
-
-
 def _input_bytes(data: ProcessInput | None) -> bytes:
     if data is None or data.input is None:
         return b""
     return data.input.value
-
-
-def _data_event(field: str, chunk: bytes) -> ProcessEvent:
-    return ProcessEvent(
-        event=Oneof("data", ProcessEvent.DataEvent(output=Oneof(field, chunk)))  # type: ignore[arg-type]
-    )
-
-
-def _end_event(returncode: int) -> ProcessEvent:
-    """Shaped like Go's os.ProcessState, which is what envd reports."""
-    if returncode >= 0:
-        status = f"exit status {returncode}"
-        end = ProcessEvent.EndEvent(
-            exit_code=returncode,
-            exited=True,
-            status=status,
-            error=status if returncode else None,
-        )
-    else:
-        status = f"signal: {_signal_text(-returncode)}"
-        end = ProcessEvent.EndEvent(exit_code=-1, exited=False, status=status, error=status)
-    choice: Oneof[Literal["end"], ProcessEvent.EndEvent] = Oneof("end", end)
-    return ProcessEvent(event=choice)
-
-
-def _signal_text(signum: int) -> str:
-    text = signal.strsignal(signum)
-    if not text:
-        return f"signal {signum}"
-    return text[0].lower() + text[1:]

@@ -1,33 +1,63 @@
 """Runs the envd app under real uvicorn on a loopback ephemeral port, in a thread, for the
-`test_envd_*` modules."""
+`test_envd_*` modules; and the sandbox environment those tests run in."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import uvicorn
 from connectrpc.codec import Codec, proto_json_codec
 from e2b import ConnectionConfig
 from packaging.version import Version
 
-from coppice_agent.envd import build_envd_app
+from coppice_agent.envd import Envd
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.filesystem import FilesystemService
 from coppice_agent.rpc.filesystem.filesystem_connect import FilesystemClientSync
 from coppice_agent.rpc.process.process_connect import ProcessClientSync
+from coppice_agent.users import SandboxUser
+
+T = TypeVar("T")
+
+
+def sandbox_env(home: Path, **fields: Any) -> SandboxEnvironment:
+    """A sandbox whose default user is root, with `home` for root's home: what the tests do
+    through a relative path, `~` or $HOME (and what kernels keep under ~) stays in `home`
+    instead of the real /root."""
+
+    def lookup(name: str) -> SandboxUser:
+        user = SandboxUser.lookup(name)
+        return dataclasses.replace(user, home=str(home)) if user.uid == 0 else user
+
+    fields.setdefault("default_user", "root")
+    return SandboxEnvironment(lookup_user=lookup, **fields)
 
 
 @dataclass
 class EnvdServer:
     url: str
     env: SandboxEnvironment
+    envd: Envd
+    loop: asyncio.AbstractEventLoop
+
+    def on_loop(self, read: Callable[[], T]) -> T:
+        """`read()` run on the server's event loop, where the services' state lives."""
+
+        async def call() -> T:
+            return read()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout=10)
 
     def processes(self, codec: Codec[Any, Any] | None = None) -> ProcessClientSync:
         # The SDK's settings: JSON, no compression either way.
@@ -58,29 +88,43 @@ def running_envd(
     keepalive_interval: float = 30.0,
     filesystem: FilesystemService | None = None,
 ) -> Iterator[EnvdServer]:
-    app = build_envd_app(env, keepalive_interval=keepalive_interval, filesystem=filesystem)
+    """envd serving on loopback until the block ends; then its services stop the way the
+    agent stops them: `Envd.aclose` once the server has stopped. The loop is asyncio's own,
+    as the agent's is (`asyncio.run`)."""
+    envd = Envd(env, keepalive_interval=keepalive_interval, filesystem=filesystem)
     config = uvicorn.Config(
-        app,
+        envd.app,
         host="127.0.0.1",
         port=0,
-        lifespan="on",
+        lifespan="off",
         log_level="warning",
         timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="envd-under-test", daemon=True)
+    loop = asyncio.new_event_loop()
+
+    async def main() -> None:
+        try:
+            await server.serve()
+        finally:
+            await envd.aclose()
+
+    thread = threading.Thread(
+        target=loop.run_until_complete, args=(main(),), name="envd-under-test", daemon=True
+    )
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("envd app did not start")
-        time.sleep(0.01)
+    if not wait_until(lambda: server.started or not thread.is_alive(), timeout=10):
+        raise RuntimeError("envd app did not start")
+    if not server.started:
+        raise RuntimeError("envd app stopped while starting")
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield EnvdServer(url=f"http://127.0.0.1:{port}", env=env)
+        yield EnvdServer(url=f"http://127.0.0.1:{port}", env=env, envd=envd, loop=loop)
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=15)
+        if not thread.is_alive():
+            loop.close()
 
 
 # What the gateway reports to the SDK: the envd features this agent implements.
@@ -112,6 +156,49 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """`wait_until` for a test on the event loop, which has to keep running meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def live_group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def inotify_descriptors() -> set[str]:
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                fds.add(fd)
+        except OSError:
+            continue  # closed meanwhile
+    return fds
+
+
+def loopback_socket() -> socket.socket:
+    """A TCP socket bound to a free loopback port, for a server to listen on."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 def process_exists(pid: int) -> bool:

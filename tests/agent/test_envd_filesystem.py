@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import pwd
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from connectrpc.code import Code
 from connectrpc.codec import proto_binary_codec
 from connectrpc.errors import ConnectError
+from connectrpc.method import IdempotencyLevel, MethodInfo
+from connectrpc.request import Headers, RequestContext
 
-from coppice_agent.environment import SandboxEnvironment
+from coppice_agent.filesystem import FilesystemService
 from coppice_agent.rpc.filesystem.filesystem_connect import FilesystemClientSync
 from coppice_agent.rpc.filesystem.filesystem_pb import (
     CreateWatcherRequest,
@@ -31,14 +35,21 @@ from coppice_agent.rpc.filesystem.filesystem_pb import (
     WatchDirRequest,
     WatchDirResponse,
 )
-from tests.agent.envd_harness import EnvdServer, basic_auth, running_envd
+from tests.agent.envd_harness import (
+    EnvdServer,
+    basic_auth,
+    eventually,
+    running_envd,
+    sandbox_env,
+    wait_until,
+)
 
 NOBODY = pwd.getpwnam("nobody")
 
 
 @pytest.fixture(scope="module")
-def envd() -> Iterator[EnvdServer]:
-    with running_envd(SandboxEnvironment(default_user="root"), keepalive_interval=0.2) as server:
+def envd(home: Path) -> Iterator[EnvdServer]:
+    with running_envd(sandbox_env(home), keepalive_interval=0.2) as server:
         yield server
 
 
@@ -84,10 +95,10 @@ def test_stat_symlink_and_missing(fs: FilesystemClientSync, tmp_path: Path) -> N
     assert info.value.code == Code.NOT_FOUND
 
 
-def test_relative_paths_start_at_home(fs: FilesystemClientSync) -> None:
+def test_relative_paths_start_at_home(fs: FilesystemClientSync, home: Path) -> None:
     entry = fs.stat(StatRequest(path=".")).entry
     assert entry is not None
-    assert entry.path == "/root"
+    assert entry.path == str(home)
 
 
 def test_list_dir_depths(fs: FilesystemClientSync, tmp_path: Path) -> None:
@@ -148,14 +159,15 @@ def test_binary_codec(envd: EnvdServer, tmp_path: Path) -> None:
     assert entry.type == FileType.DIRECTORY
 
 
-def poll_events(
-    fs: FilesystemClientSync, watcher_id: str, want: int, timeout: float = 5
-) -> list[FilesystemEvent]:
+def poll_events(fs: FilesystemClientSync, watcher_id: str, want: int) -> list[FilesystemEvent]:
+    """What the watcher reports until it has reported `want` events (or the wait gives up)."""
     events: list[FilesystemEvent] = []
-    deadline = time.monotonic() + timeout
-    while len(events) < want and time.monotonic() < deadline:
-        events += fs.get_watcher_events(GetWatcherEventsRequest(watcher_id=watcher_id)).events
-        time.sleep(0.05)
+
+    def enough() -> bool:
+        events.extend(fs.get_watcher_events(GetWatcherEventsRequest(watcher_id=watcher_id)).events)
+        return len(events) >= want
+
+    wait_until(enough)
     return events
 
 
@@ -216,23 +228,23 @@ def test_non_recursive_watch_ignores_subdirectories(
 
 def test_watch_dir_stream(envd: EnvdServer, tmp_path: Path) -> None:
     received: list[WatchDirResponse] = []
-    started = threading.Event()
+    kept_alive = threading.Event()
 
     def watch() -> None:
         with envd.filesystem() as client:
             stream = client.watch_dir(WatchDirRequest(path=str(tmp_path)))
             for response in stream:
                 received.append(response)
-                if response.event is not None and response.event.field == "start":
-                    started.set()
+                if response.event is not None and response.event.field == "keepalive":
+                    kept_alive.set()
                 if response.event is not None and response.event.field == "filesystem":
                     break
             stream.close()  # type: ignore[attr-defined]
 
     thread = threading.Thread(target=watch)
     thread.start()
-    assert started.wait(5)
-    time.sleep(0.4)  # long enough for a keepalive first
+    # A quiet watch sends keepalives; the change comes after the first.
+    assert kept_alive.wait(5)
     (tmp_path / "streamed.txt").write_text("x")
     thread.join(timeout=5)
     kinds = [r.event.field for r in received if r.event is not None]
@@ -242,3 +254,83 @@ def test_watch_dir_stream(envd: EnvdServer, tmp_path: Path) -> None:
     assert last is not None and last.field == "filesystem"
     assert last.value.name == "streamed.txt"
     assert last.value.type == EventType.CREATE
+
+
+def touch_all(directory: Path, count: int) -> list[str]:
+    """Create `count` empty files, one CREATE event each; their names, in order."""
+    names = [f"f{i:02d}" for i in range(count)]
+    for name in names:
+        (directory / name).touch()
+    return names
+
+
+def test_polled_watch_that_falls_behind_reports_the_gap(home: Path, tmp_path: Path) -> None:
+    env = sandbox_env(home)
+    filesystem = FilesystemService(env, max_buffered_events=3)
+    with running_envd(env, filesystem=filesystem) as server, server.filesystem() as fs:
+        watcher_id = fs.create_watcher(CreateWatcherRequest(path=str(tmp_path))).watcher_id
+        request = GetWatcherEventsRequest(watcher_id=watcher_id)
+        created = touch_all(tmp_path, 10)
+        events: list[FilesystemEvent] = []
+        failures: list[ConnectError] = []
+
+        def failed() -> bool:
+            try:
+                events.extend(fs.get_watcher_events(request).events)
+            except ConnectError as exc:
+                failures.append(exc)
+                return True
+            return False
+
+        assert wait_until(failed)
+        # Whatever was kept arrives, in order, and then the gap is reported where it is.
+        names = [e.name for e in events]
+        assert 3 <= len(names) < len(created)
+        assert names == created[: len(names)]
+        assert failures[0].code == Code.INTERNAL
+        assert failures[0].message.startswith("watcher error: more than 3 events")
+        # It stays reported, and the watch can still be removed.
+        with pytest.raises(ConnectError) as info:
+            fs.get_watcher_events(request)
+        assert info.value.code == Code.INTERNAL
+        fs.remove_watcher(RemoveWatcherRequest(watcher_id=watcher_id))
+
+
+def watch_dir_context() -> RequestContext[Any, Any]:
+    method: MethodInfo[WatchDirRequest, WatchDirResponse] = MethodInfo(
+        name="WatchDir",
+        service_name="filesystem.Filesystem",
+        input=WatchDirRequest,
+        output=WatchDirResponse,
+        idempotency_level=IdempotencyLevel.UNKNOWN,
+    )
+    return RequestContext(method=method, http_method="POST", request_headers=Headers())
+
+
+def test_streamed_watch_that_falls_behind_ends_with_an_error(
+    home: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Called directly, the stream is read exactly as slowly as this test reads it; over HTTP
+    # the sockets' buffers would take in thousands of events first.
+    service = FilesystemService(sandbox_env(home), max_buffered_events=3)
+    caplog.set_level(logging.WARNING, logger="coppice_agent.filesystem")
+
+    async def watch() -> tuple[list[str], ConnectError]:
+        stream = service.watch_dir(WatchDirRequest(path=str(tmp_path)), watch_dir_context())
+        first = await anext(stream)
+        assert first.event is not None and first.event.field == "start"
+        touch_all(tmp_path, 10)
+        assert await eventually(lambda: "stopped: more than 3 events" in caplog.text)
+        names: list[str] = []
+        with pytest.raises(ConnectError) as info:
+            async for response in stream:
+                assert response.event is not None and response.event.field == "filesystem"
+                names.append(response.event.value.name)
+        return names, info.value
+
+    names, error = asyncio.run(watch())
+    assert names == ["f00", "f01", "f02"]
+    assert error.code == Code.INTERNAL
+    assert error.message.startswith("watcher error: more than 3 events")
+    assert str(tmp_path) in error.message
+    assert len([r for r in caplog.records if "stopped" in r.getMessage()]) == 1

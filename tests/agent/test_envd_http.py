@@ -16,16 +16,15 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from coppice_agent.downloads import choose_encoding
-from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.rpc.process.process_pb import ListRequest, ProcessConfig, StartRequest
-from tests.agent.envd_harness import EnvdServer, running_envd, wait_until
+from tests.agent.envd_harness import EnvdServer, running_envd, sandbox_env, wait_until
 
 NOBODY = pwd.getpwnam("nobody")
 
 
 @pytest.fixture(scope="module")
-def envd() -> Iterator[EnvdServer]:
-    with running_envd(SandboxEnvironment(default_user="root")) as server:
+def envd(home: Path) -> Iterator[EnvdServer]:
+    with running_envd(sandbox_env(home)) as server:
         yield server
 
 
@@ -126,14 +125,12 @@ def test_upload_as_user_owns_file_and_parents(http: httpx.Client, tmp_path: Path
     assert target.parent.stat().st_uid == NOBODY.pw_uid
 
 
-def test_relative_paths_resolve_against_home(http: httpx.Client) -> None:
-    name = f"coppice-envd-test-{os.getpid()}.txt"
-    try:
-        response = http.post("/files", params={"path": name}, files=[("file", (name, b"home"))])
-        assert response.json()[0]["path"] == f"/root/{name}"
-        assert http.get("/files", params={"path": name}).content == b"home"
-    finally:
-        Path("/root", name).unlink(missing_ok=True)
+def test_relative_paths_resolve_against_home(http: httpx.Client, home: Path) -> None:
+    name = "relative.txt"
+    response = http.post("/files", params={"path": name}, files=[("file", (name, b"home"))])
+    assert response.json()[0]["path"] == str(home / name)
+    assert (home / name).read_bytes() == b"home"
+    assert http.get("/files", params={"path": name}).content == b"home"
 
 
 def test_download_errors(http: httpx.Client, tmp_path: Path) -> None:
@@ -327,8 +324,8 @@ def test_init_sets_env_vars_for_processes(envd: EnvdServer, http: httpx.Client) 
     assert http.post("/init", content=b"[1]").status_code == 400
 
 
-def test_access_token_is_enforced() -> None:
-    env = SandboxEnvironment(default_user="root")
+def test_access_token_is_enforced(home: Path) -> None:
+    env = sandbox_env(home)
     with running_envd(env) as server, httpx.Client(base_url=server.url) as http:
         assert http.post("/init", json={"accessToken": "first"}).status_code == 204
         assert http.get("/health").status_code == 204

@@ -14,13 +14,12 @@ from e2b import InvalidArgumentException, Sandbox
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 
 from coppice_agent import metadata
-from coppice_agent.environment import SandboxEnvironment
-from tests.agent.envd_harness import EnvdServer, running_envd, sdk_options
+from tests.agent.envd_harness import EnvdServer, running_envd, sandbox_env, sdk_options
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[EnvdServer]:
-    with running_envd(SandboxEnvironment(default_user="root")) as server:
+def server(home: Path) -> Iterator[EnvdServer]:
+    with running_envd(sandbox_env(home)) as server:
         yield server
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import pwd
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +17,7 @@ from connectrpc.codec import proto_binary_codec
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
 
-from coppice_agent.environment import SandboxEnvironment
+from coppice_agent.rpc.filesystem.filesystem_pb import CreateWatcherRequest
 from coppice_agent.rpc.process.process_connect import ProcessClientSync
 from coppice_agent.rpc.process.process_pb import (
     PTY,
@@ -37,14 +37,23 @@ from coppice_agent.rpc.process.process_pb import (
     StreamInputRequest,
     UpdateRequest,
 )
-from tests.agent.envd_harness import EnvdServer, basic_auth, running_envd, wait_until
+from tests.agent.envd_harness import (
+    EnvdServer,
+    basic_auth,
+    inotify_descriptors,
+    live_group_members,
+    running_envd,
+    sandbox_env,
+    wait_until,
+)
 
 KEEPALIVE = 0.2
+NOBODY = pwd.getpwnam("nobody")
 
 
 @pytest.fixture(scope="module")
-def envd() -> Iterator[EnvdServer]:
-    env = SandboxEnvironment(default_user="root", env_vars={"SBX_WIDE": "yes", "OVERRIDE": "env"})
+def envd(home: Path) -> Iterator[EnvdServer]:
+    env = sandbox_env(home, env_vars={"SBX_WIDE": "yes", "OVERRIDE": "env"})
     with running_envd(env, keepalive_interval=KEEPALIVE) as server:
         yield server
 
@@ -140,20 +149,6 @@ def kill(client: ProcessClientSync, pid: int) -> None:
     client.send_signal(SendSignalRequest(process=pid_selector(pid), signal=Signal.SIGKILL))
 
 
-def live_group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
 def test_run_streams_stdout_stderr_and_exit(client: ProcessClientSync) -> None:
     run = collect(client.start(bash("echo hello; echo err >&2; echo again")))
     assert run.kinds()[0] == "start"
@@ -177,11 +172,11 @@ def test_binary_codec_works_too(envd: EnvdServer) -> None:
     assert run.output("stdout") == b"\x00\xff"
 
 
-def test_environment_layers(client: ProcessClientSync) -> None:
+def test_environment_layers(client: ProcessClientSync, home: Path) -> None:
     run = collect(
         client.start(bash('echo "$SBX_WIDE $OVERRIDE $HOME $USER"', envs={"OVERRIDE": "req"}))
     )
-    assert run.output("stdout") == b"yes req /root root\n"
+    assert run.output("stdout") == f"yes req {home} root\n".encode()
 
 
 def test_cwd_and_missing_cwd(client: ProcessClientSync, tmp_path: Path) -> None:
@@ -206,7 +201,17 @@ def test_unknown_user_is_invalid_argument(client: ProcessClientSync) -> None:
 
 
 def test_keepalives_during_silence(client: ProcessClientSync) -> None:
-    run = collect(client.start(bash(f"sleep {KEEPALIVE * 3}")))
+    stream = client.start(bash("read line", stdin=True))
+    first, pid = started(stream)
+    seen = [first]
+    # Silent until told otherwise: the stream must keep itself alive meanwhile.
+    for response in stream:
+        assert response.event is not None
+        seen.append(response.event)
+        if Run(seen).kinds()[-1] == "keepalive":
+            break
+    client.send_input(SendInputRequest(process=pid_selector(pid), input=stdin_bytes(b"\n")))
+    run = Run([*seen, *events(stream)])
     assert "keepalive" in run.kinds()
     assert run.end.exit_code == 0
 
@@ -244,35 +249,50 @@ def test_signal_by_tag_and_unknown_pid(client: ProcessClientSync) -> None:
     assert info.value.code == Code.NOT_FOUND
 
 
+def followers(envd: EnvdServer, pid: int) -> int:
+    """How many streams the service has following `pid` (-1: it is not running)."""
+
+    def count() -> int:
+        proc = envd.envd.processes.find(pid)
+        return -1 if proc is None else proc.events.followers
+
+    return envd.on_loop(count)
+
+
 def test_disconnect_keeps_process_and_connect_reattaches(envd: EnvdServer) -> None:
     with envd.processes() as c:
-        stream = c.start(bash("sleep 0.6; echo after"))
+        # It waits for its input, so it can only print once the test has reattached.
+        stream = c.start(bash("read line; echo after:$line", stdin=True))
         _, pid = started(stream)
         stream.close()  # type: ignore[attr-defined]
-        time.sleep(0.1)
+        assert wait_until(lambda: followers(envd, pid) == 0)
         assert pid in {p.pid for p in c.list(ListRequest()).processes}
-        run = collect(c.connect(ConnectRequest(process=pid_selector(pid))))
+        attached = c.connect(ConnectRequest(process=pid_selector(pid)))
+        first = next(attached).event
+        assert first is not None
+        c.send_input(SendInputRequest(process=pid_selector(pid), input=stdin_bytes(b"x\n")))
+        run = Run([first, *events(attached)])
     assert run.pid == pid
-    assert run.output("stdout") == b"after\n"
+    assert run.output("stdout") == b"after:x\n"
     assert run.end.exit_code == 0
 
 
 def test_several_watchers_see_the_same_output(envd: EnvdServer) -> None:
-    with envd.processes() as c:
-        stream = c.start(bash("sleep 0.5; echo shared"))
+    with envd.processes() as c, envd.processes() as other:
+        stream = c.start(bash("read line; echo shared:$line", stdin=True))
         first, pid = started(stream)
-        attached: list[Run] = []
-
-        def watch() -> None:
-            with envd.processes() as other:
-                attached.append(collect(other.connect(ConnectRequest(process=pid_selector(pid)))))
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
+        # A Connect stream follows from its start event on; the output comes after that.
+        attached = other.connect(ConnectRequest(process=pid_selector(pid)))
+        attached_first = next(attached).event
+        assert attached_first is not None
+        assert followers(envd, pid) == 2
+        c.send_input(SendInputRequest(process=pid_selector(pid), input=stdin_bytes(b"x\n")))
         own = Run([first, *events(stream)])
-        watcher.join(timeout=10)
-    assert own.output("stdout") == b"shared\n"
-    assert attached[0].output("stdout") == b"shared\n"
+        theirs = Run([attached_first, *events(attached)])
+    assert own.output("stdout") == b"shared:x\n"
+    assert theirs.output("stdout") == b"shared:x\n"
+    assert theirs.pid == pid
+    assert theirs.end.exit_code == 0
 
 
 def test_stdin_send_input_and_close(envd: EnvdServer) -> None:
@@ -352,6 +372,61 @@ def test_pty_start_input_and_resize(envd: EnvdServer) -> None:
     assert run.end.exit_code == 0
 
 
+def pty_request(script: str) -> StartRequest:
+    # Not bash: it opens its stdin's terminal by name at start-up, which makes it the
+    # controlling terminal of a session leader without one, and would hide whether the agent
+    # did that. dash does nothing of the kind.
+    return StartRequest(
+        process=ProcessConfig(cmd="/bin/sh", args=["-c", script]),
+        pty=PTY(size=PTY.Size(rows=24, cols=80)),
+    )
+
+
+def pty_lines(run: Run) -> list[str]:
+    return run.output("pty").decode().split("\r\n")
+
+
+def test_pty_is_the_controlling_terminal_and_ctrl_c_interrupts(envd: EnvdServer) -> None:
+    # /dev/tty opens only for a process with a controlling terminal. `exec` leaves sleep as
+    # the session's leader and its terminal's foreground job, which ^C interrupts.
+    script = "if : </dev/tty 2>/dev/null; then echo has-ctty; else echo no-ctty; fi; exec sleep 100"
+    with envd.processes() as c:
+        stream = c.start(pty_request(script), timeout_ms=20_000)
+        first, pid = started(stream)
+        so_far = [first]
+        for response in stream:
+            assert response.event is not None
+            so_far.append(response.event)
+            if {"has-ctty", "no-ctty"} & set(pty_lines(Run(so_far))):
+                break
+        assert "has-ctty" in pty_lines(Run(so_far))
+        c.send_input(SendInputRequest(process=pid_selector(pid), input=pty_bytes(b"\x03")))
+        run = Run([*so_far, *events(stream)])
+    assert run.end.status == "signal: interrupt"
+
+
+def test_pty_runs_as_the_requested_user(client: ProcessClientSync) -> None:
+    script = 'id -u; id -G; echo "$HOME"; : </dev/tty && echo has-ctty; stat -c %U "$(tty)"'
+    run = collect(client.start(pty_request(script), headers=basic_auth("nobody")))
+    uid, groups, home, ctty, owner = pty_lines(run)[:5]
+    assert int(uid) == NOBODY.pw_uid
+    member_of = {g.gr_gid for g in grp.getgrall() if "nobody" in g.gr_mem}
+    assert {int(g) for g in groups.split()} == {NOBODY.pw_gid, *member_of}
+    assert home == NOBODY.pw_dir
+    assert ctty == "has-ctty"
+    # The terminal is the user's own.
+    assert owner == "nobody"
+    assert run.end.exit_code == 0
+
+
+@pytest.mark.parametrize("cmd", ["/no/such/binary", "no-such-command-anywhere"])
+def test_pty_command_not_found(client: ProcessClientSync, cmd: str) -> None:
+    with pytest.raises(ConnectError) as info:
+        collect(client.start(StartRequest(process=ProcessConfig(cmd=cmd), pty=PTY())))
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert "No such file or directory" in info.value.message
+
+
 def test_start_deadline_kills_the_process(client: ProcessClientSync) -> None:
     with pytest.raises(ConnectError) as info:
         collect(client.start(bash("sleep 30", tag="deadline"), timeout_ms=300))
@@ -402,3 +477,21 @@ def test_command_not_found(client: ProcessClientSync) -> None:
 
 def test_no_processes_left_behind(client: ProcessClientSync) -> None:
     assert wait_until(lambda: not client.list(ListRequest()).processes)
+
+
+def test_stopping_envd_kills_every_process_tree_and_closes_every_watcher(
+    home: Path, tmp_path: Path
+) -> None:
+    before = inotify_descriptors()
+    with running_envd(sandbox_env(home)) as server:
+        with server.processes() as c:
+            stream = c.start(bash("sleep 100 & sleep 100"))
+            _, pid = started(stream)
+            assert wait_until(lambda: len(live_group_members(pid)) >= 3)
+            # Nobody follows it any more: only stopping envd can end it now.
+            stream.close()  # type: ignore[attr-defined]
+        with server.filesystem() as fs:
+            fs.create_watcher(CreateWatcherRequest(path=str(tmp_path)))
+        assert inotify_descriptors() - before
+    assert wait_until(lambda: not live_group_members(pid))
+    assert inotify_descriptors() - before == set()

@@ -10,11 +10,11 @@ import pytest
 from e2b import AsyncSandbox, CommandExitException, Sandbox, TimeoutException
 from e2b.exceptions import FileNotFoundException
 
-from coppice_agent.environment import SandboxEnvironment
 from tests.agent.envd_harness import (
     EnvdServer,
     process_exists,
     running_envd,
+    sandbox_env,
     sdk_options,
     wait_until,
 )
@@ -23,8 +23,8 @@ TOKEN = "sdk-token"
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[EnvdServer]:
-    env = SandboxEnvironment(default_user="root", access_token=TOKEN)
+def server(home: Path) -> Iterator[EnvdServer]:
+    env = sandbox_env(home, access_token=TOKEN)
     with running_envd(env) as server:
         yield server
 

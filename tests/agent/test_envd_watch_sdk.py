@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from e2b import AsyncSandbox, FilesystemEvent, FilesystemEventType, FileType, Sandbox
 from e2b.exceptions import InvalidArgumentException
+from e2b.sandbox_sync.filesystem.watch_handle import WatchHandle
 
-from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.filesystem import FilesystemService
-from tests.agent.envd_harness import EnvdServer, running_envd, sdk_options
+from tests.agent.envd_harness import EnvdServer, running_envd, sandbox_env, sdk_options, wait_until
 
 ROOT_MOUNT = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
 # A streamed watch the client stopped ends at the server's next write: keep that soon, or
@@ -25,8 +24,8 @@ KEEPALIVE = 0.2
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[EnvdServer]:
-    env = SandboxEnvironment(default_user="root")
+def server(home: Path) -> Iterator[EnvdServer]:
+    env = sandbox_env(home)
     with running_envd(env, keepalive_interval=KEEPALIVE) as server:
         yield server
 
@@ -34,6 +33,24 @@ def server() -> Iterator[EnvdServer]:
 @pytest.fixture(scope="module")
 def sandbox(server: EnvdServer) -> Sandbox:
     return Sandbox(**sdk_options(server))
+
+
+def events_until(
+    handle: WatchHandle, done: Callable[[list[FilesystemEvent]], bool]
+) -> list[FilesystemEvent]:
+    """What a polled watch reports until `done` holds for it (or the wait gives up)."""
+    events: list[FilesystemEvent] = []
+
+    def finished() -> bool:
+        events.extend(handle.get_new_events())
+        return done(events)
+
+    wait_until(finished)
+    return events
+
+
+def removed(events: list[FilesystemEvent]) -> bool:
+    return any(e.type == FilesystemEventType.REMOVE for e in events)
 
 
 def make_changes(directory: Path) -> None:
@@ -72,14 +89,7 @@ def test_polled_watch_includes_entries(sandbox: Sandbox, tmp_path: Path) -> None
     handle = sandbox.files.watch_dir(str(tmp_path), include_entry=True)
     try:
         make_changes(tmp_path)
-        events: list[FilesystemEvent] = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not any(
-            e.type == FilesystemEventType.REMOVE for e in events
-        ):
-            events += handle.get_new_events()
-            time.sleep(0.05)
-        check_entries(events, tmp_path)
+        check_entries(events_until(handle, removed), tmp_path)
     finally:
         handle.stop()
 
@@ -88,11 +98,7 @@ def test_polled_watch_without_entries(sandbox: Sandbox, tmp_path: Path) -> None:
     handle = sandbox.files.watch_dir(str(tmp_path))
     try:
         (tmp_path / "f").write_text("x")
-        events: list[FilesystemEvent] = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not events:
-            events += handle.get_new_events()
-            time.sleep(0.05)
+        events = events_until(handle, bool)
         assert events
         assert all(e.entry is None for e in events)
     finally:
@@ -122,7 +128,7 @@ def test_streamed_watch_includes_entries(server: EnvdServer, tmp_path: Path) -> 
 
 
 @pytest.fixture
-def nfs_server(tmp_path: Path) -> Iterator[EnvdServer]:
+def nfs_server(home: Path, tmp_path: Path) -> Iterator[EnvdServer]:
     """An envd whose mount table says `tmp_path/share` is an NFS mount."""
     share = tmp_path / "share"
     (share / "sub").mkdir(parents=True)
@@ -132,7 +138,7 @@ def nfs_server(tmp_path: Path) -> Iterator[EnvdServer]:
     mountinfo.write_text(
         ROOT_MOUNT + f"90 22 0:50 / {share.resolve()} rw,relatime - nfs4 host:/export rw,vers=4.2\n"
     )
-    env = SandboxEnvironment(default_user="root")
+    env = sandbox_env(home)
     filesystem = FilesystemService(env, keepalive_interval=KEEPALIVE, mountinfo=str(mountinfo))
     with running_envd(env, keepalive_interval=KEEPALIVE, filesystem=filesystem) as server:
         yield server
@@ -152,11 +158,7 @@ def test_watching_a_network_mount_needs_allow_network_mounts(
     handle = sbx.files.watch_dir(str(share), allow_network_mounts=True)
     try:
         (share / "seen.txt").write_text("x")
-        deadline = time.monotonic() + 5
-        events: list[FilesystemEvent] = []
-        while time.monotonic() < deadline and not events:
-            events += handle.get_new_events()
-            time.sleep(0.05)
+        events = events_until(handle, bool)
         assert "seen.txt" in {e.name for e in events}
     finally:
         handle.stop()

@@ -28,6 +28,7 @@ from packaging.version import Version
 
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.interpreter import Interpreter, build_interpreter_app
+from tests.agent.envd_harness import sandbox_env, wait_until
 
 T = TypeVar("T")
 
@@ -115,8 +116,8 @@ def serve(env: SandboxEnvironment) -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
-    with serve(SandboxEnvironment(default_user="root")) as s:
+def served(home: Path) -> Iterator[Served]:
+    with serve(sandbox_env(home)) as s:
         yield s
 
 
@@ -134,6 +135,21 @@ def execute(served: Served, code: str, **fields: Any) -> list[dict[str, Any]]:
     assert lines[-1] == "", "body must end with a newline"
     assert all(line.strip() for line in lines[:-1]), "no blank lines, ever"
     return [json.loads(line) for line in lines[:-1]]
+
+
+def until_exists(path: Path) -> str:
+    """Kernel code that waits until `path` exists (30 s at most), then sets `found`."""
+    return (
+        "import pathlib, time\n"
+        "_deadline = time.monotonic() + 30\n"
+        f"while not pathlib.Path({str(path)!r}).exists() and time.monotonic() < _deadline:\n"
+        "    time.sleep(0.01)\n"
+        f"found = pathlib.Path({str(path)!r}).exists()\n"
+    )
+
+
+def body_for(code: str, context_id: str | None = None) -> dict[str, Any]:
+    return {"code": code, "context_id": context_id, "language": None, "env_vars": None}
 
 
 def tiny_png() -> bytes:
@@ -319,24 +335,28 @@ def test_env_init_reaches_live_and_new_kernels(served: Served, tmp_path: Path) -
     assert again[-2]["text"] == "(None, '1')"
 
 
-def test_streams_output_as_it_is_produced(served: Served) -> None:
-    code = "import time\nfor i in range(3):\n    print(i)\n    time.sleep(0.3)"
-    body = {"code": code, "context_id": None, "language": None, "env_vars": None}
-    arrivals: list[tuple[float, dict[str, Any]]] = []
-    start = time.monotonic()
+def test_streams_output_as_it_is_produced(served: Served, tmp_path: Path) -> None:
+    # The cell goes on only once the test has read its first line, which it can only have
+    # read if that line was sent while the cell was still running.
+    release = tmp_path / "release"
+    code = (
+        "print('first', flush=True)\n"
+        + until_exists(release)
+        + "print('released' if found else 'never released')"
+    )
+    received: list[dict[str, Any]] = []
     with (
-        httpx.Client(timeout=30) as client,
-        client.stream("POST", f"{served.url}/execute", json=body) as response,
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", f"{served.url}/execute", json=body_for(code)) as response,
     ):
         for line in response.iter_lines():
             assert line, "no blank lines"
-            arrivals.append((time.monotonic() - start, json.loads(line)))
-    stdout = [(t, e) for t, e in arrivals if e["type"] == "stdout"]
-    assert "".join(e["text"] for _, e in stdout) == "0\n1\n2\n"
-    end_time = arrivals[-1][0]
-    assert arrivals[-1][1]["type"] == "end_of_execution"
-    assert end_time >= 0.8
-    assert stdout[0][0] < end_time - 0.4, "the first line must not wait for the end"
+            received.append(json.loads(line))
+            if (received[-1]["type"], received[-1].get("text")) == ("stdout", "first\n"):
+                release.touch()
+    stdout = "".join(e["text"] for e in received if e["type"] == "stdout")
+    assert stdout == "first\nreleased\n"
+    assert received[-1]["type"] == "end_of_execution"
 
 
 def test_disconnect_does_not_wedge_the_context(served: Served) -> None:
@@ -351,25 +371,50 @@ def test_disconnect_does_not_wedge_the_context(served: Served) -> None:
     assert time.monotonic() - start < 5
 
 
-def test_executions_in_one_context_queue_and_contexts_run_in_parallel(
-    served: Served, tmp_path: Path
-) -> None:
+def test_contexts_run_in_parallel(served: Served, tmp_path: Path) -> None:
     with httpx.Client(timeout=60) as client:
         other = client.post(f"{served.url}/contexts", json={"cwd": str(tmp_path)}).json()
-    sleep = "import time; time.sleep(0.6)"
 
-    def run(context_id: str | None) -> None:
-        execute(served, sleep, context_id=context_id)
+    def meet(mine: Path, theirs: Path) -> str:
+        """A cell that leaves `mine` and waits for `theirs`: only a cell running at the same
+        time as the other one finds it."""
+        return (
+            f"import pathlib; pathlib.Path({str(mine)!r}).touch()\n"
+            + until_exists(theirs)
+            + "found"
+        )
 
+    one, two = tmp_path / "one", tmp_path / "two"
+    cells = [(meet(one, two), None), (meet(two, one), other["id"])]
     with ThreadPoolExecutor(2) as pool:
-        start = time.monotonic()
-        list(pool.map(run, [None, other["id"]]))
-        parallel = time.monotonic() - start
-        start = time.monotonic()
-        list(pool.map(run, [other["id"], other["id"]]))
-        queued = time.monotonic() - start
-    assert parallel < 1.1
-    assert queued >= 1.2
+        results = list(pool.map(lambda cell: execute(served, cell[0], context_id=cell[1]), cells))
+    assert [events[-2]["text"] for events in results] == ["True", "True"]
+
+
+def test_executions_in_one_context_queue(served: Served, tmp_path: Path) -> None:
+    log, release = tmp_path / "log", tmp_path / "release"
+    first = (
+        f"open({str(log)!r}, 'a').write('first began\\n')\n"
+        + until_exists(release)
+        + f"open({str(log)!r}, 'a').write('first ended\\n')"
+    )
+    second = f"open({str(log)!r}, 'a').write('second ran\\n')"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(execute, served, first)
+        assert wait_until(log.exists, timeout=30)
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{served.url}/execute", json=body_for(second)) as response,
+        ):
+            # Answered, so the agent has the second cell, and it waits behind the first.
+            assert response.status_code == 200
+            assert log.read_text() == "first began\n"
+            release.touch()
+            queued = [json.loads(line) for line in response.iter_lines()]
+        assert "error" not in {e["type"] for e in running.result(timeout=60)}
+    assert log.read_text() == "first began\nfirst ended\nsecond ran\n"
+    assert "error" not in {e["type"] for e in queued}
+    assert queued[-1]["type"] == "end_of_execution"
 
 
 def test_stdin_is_refused_not_awaited(served: Served) -> None:
@@ -421,12 +466,13 @@ def test_http_errors(served: Served) -> None:
         assert client.get(f"{served.url}/health").status_code == 204
 
 
-def test_default_context_is_listed_with_home_cwd(served: Served) -> None:
+def test_default_context_is_listed_with_home_cwd(served: Served, home: Path) -> None:
     with httpx.Client(timeout=30) as client:
         contexts = client.get(f"{served.url}/contexts").json()
-    assert {"language": "python", "cwd": "/root"}.items() <= contexts[0].items()
-    events = execute(served, "import os; os.getcwd()")
-    assert events[-2]["text"] == "/root"
+    assert {"language": "python", "cwd": str(home)}.items() <= contexts[0].items()
+    # A str result, not a tuple: IPython would break a long tuple's repr across lines.
+    events = execute(served, "import os; os.getcwd() + ' ' + os.environ['HOME']")
+    assert events[-2]["text"] == f"{home} {home}"
 
 
 def test_access_token_guards_execute_only(served: Served) -> None:
@@ -445,11 +491,11 @@ def test_access_token_guards_execute_only(served: Served) -> None:
         served.env.access_token = None
 
 
-def test_kernels_run_as_the_default_user(tmp_path: Path) -> None:
+def test_kernels_run_as_the_default_user(home: Path, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("switching users needs root")
     tmp_path.chmod(0o777)
-    with serve(SandboxEnvironment(default_user="nobody")) as s:
+    with serve(sandbox_env(home, default_user="nobody")) as s:
         events = execute(s, "import os; os.getuid(), os.getgroups(), os.getcwd()")
         assert events[-2]["text"] == "(65534, [], '/')"
         r = httpx.post(f"{s.url}/contexts", json={"cwd": str(tmp_path)}, timeout=60)
@@ -459,5 +505,5 @@ def test_kernels_run_as_the_default_user(tmp_path: Path) -> None:
         assert (tmp_path / "f").stat().st_uid == 65534
         # /init names another default user: the kernels follow it.
         s.call(s.env.init(default_user="root"))
-        events = execute(s, "import os; os.getuid(), os.getcwd()")
-        assert events[-2]["text"] == "(0, '/root')"
+        events = execute(s, "import os; f'{os.getuid()} {os.getcwd()}'")
+        assert events[-2]["text"] == f"0 {home}"
