@@ -10,9 +10,10 @@ import pytest
 
 from coppice.errors import EntryNotFound, IllegalTransition, PoolExhausted
 from coppice.images.keys import PoolKey
-from coppice.lifecycle import State
+from coppice.lifecycle import Event, State
 from coppice.pool.controller import PoolController
 from coppice.smoke import ssh_command
+from coppice.store.ipam import mac_for
 from coppice.substrates.base import AGENT_PORT
 from coppice.substrates.readiness import agent_health, ssh_banner
 
@@ -156,3 +157,20 @@ def test_cgroup_limits_hold(pool: PoolController) -> None:
     out = _ssh(pool, e.ip, forks)
     assert out.startswith("stopped"), out
     assert int(out.split()[1]) < pool.settings.limits.pids
+
+
+def test_the_bridge_mac_does_not_follow_its_ports(pool: PoolController) -> None:
+    """A bridge takes its lowest port's MAC unless it has one of its own; when that port went
+    with its sandbox, every other sandbox's neighbour entry for the gateway went stale and
+    their answers were lost for seconds (TCP retransmits: 13 s stalls through the gateway)."""
+    bridge = pool.settings.jail_network.bridge
+    address = Path(f"/sys/class/net/{bridge}/address")
+    fixed = mac_for(pool.settings.jail_network.gateway)
+    pool.warm("python", 3)
+    assert address.read_text().strip() == fixed
+    for e in pool.list("python")[:2]:
+        pool.perform(pool.store.apply(e.id, Event.DRAIN))
+    pool.warm("python", 2)
+    assert address.read_text().strip() == fixed
+    entry = pool.checkout("python")
+    assert agent_health(entry.ip, AGENT_PORT) == 204

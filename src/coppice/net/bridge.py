@@ -17,6 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from coppice.config import NetworkSettings
 from coppice.errors import SubstrateError
 from coppice.net.host_guard import HostGuard
+from coppice.store.ipam import mac_for
 
 
 class HostBridge:
@@ -26,6 +27,11 @@ class HostBridge:
     @property
     def name(self) -> str:
         return self.network.bridge
+
+    @property
+    def mac(self) -> str:
+        """The bridge's own MAC, derived from its gateway address like every entry's."""
+        return mac_for(self.network.gateway)
 
     def index(self, ipr: IPRoute) -> int | None:
         found = ipr.link_lookup(ifname=self.name)
@@ -48,6 +54,13 @@ class HostBridge:
                             raise
                     idx = self.index(ipr)
                     assert idx is not None
+                # A bridge without an address of its own takes its lowest port's, and changes
+                # it when that port goes: every sandbox's neighbour entry for the gateway is
+                # then stale, and its answers go to a MAC no longer there until ARP gives up
+                # on it (seen as 13 s stalls of TCP retransmits). A fixed MAC never moves.
+                mac = self.mac
+                if ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS") != mac:
+                    ipr.link("set", index=idx, address=mac)
                 gw = str(self.network.gateway)
                 have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}
                 if gw not in have:
