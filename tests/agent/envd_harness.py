@@ -9,7 +9,6 @@ import dataclasses
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from coppice_agent.filesystem import FilesystemService
 from coppice_agent.rpc.filesystem.filesystem_connect import FilesystemClientSync
 from coppice_agent.rpc.process.process_connect import ProcessClientSync
 from coppice_agent.users import SandboxUser
+from tests.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -147,15 +147,6 @@ def sdk_options(server: EnvdServer, token: str | None = None) -> dict[str, Any]:
             api_key="unused", sandbox_url=server.url, extra_sandbox_headers=headers
         ),
     }
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -28,8 +28,8 @@ from tests.agent.envd_harness import (
     live_group_members,
     loopback_socket,
     sandbox_env,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 

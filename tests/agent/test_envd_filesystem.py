@@ -35,14 +35,8 @@ from coppice_agent.rpc.filesystem.filesystem_pb import (
     WatchDirRequest,
     WatchDirResponse,
 )
-from tests.agent.envd_harness import (
-    EnvdServer,
-    basic_auth,
-    eventually,
-    running_envd,
-    sandbox_env,
-    wait_until,
-)
+from tests.agent.envd_harness import EnvdServer, basic_auth, eventually, running_envd, sandbox_env
+from tests.waiting import wait_until
 
 NOBODY = pwd.getpwnam("nobody")
 

@@ -17,7 +17,8 @@ from connectrpc.errors import ConnectError
 
 from coppice_agent.downloads import choose_encoding
 from coppice_agent.rpc.process.process_pb import ListRequest, ProcessConfig, StartRequest
-from tests.agent.envd_harness import EnvdServer, running_envd, sandbox_env, wait_until
+from tests.agent.envd_harness import EnvdServer, running_envd, sandbox_env
+from tests.waiting import wait_until
 
 NOBODY = pwd.getpwnam("nobody")
 

@@ -44,8 +44,8 @@ from tests.agent.envd_harness import (
     live_group_members,
     running_envd,
     sandbox_env,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 KEEPALIVE = 0.2
 NOBODY = pwd.getpwnam("nobody")

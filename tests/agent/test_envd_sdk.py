@@ -16,8 +16,8 @@ from tests.agent.envd_harness import (
     running_envd,
     sandbox_env,
     sdk_options,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 TOKEN = "sdk-token"
 

@@ -15,7 +15,8 @@ from e2b.exceptions import InvalidArgumentException
 from e2b.sandbox_sync.filesystem.watch_handle import WatchHandle
 
 from coppice_agent.filesystem import FilesystemService
-from tests.agent.envd_harness import EnvdServer, running_envd, sandbox_env, sdk_options, wait_until
+from tests.agent.envd_harness import EnvdServer, running_envd, sandbox_env, sdk_options
+from tests.waiting import wait_until
 
 ROOT_MOUNT = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
 # A streamed watch the client stopped ends at the server's next write: keep that soon, or

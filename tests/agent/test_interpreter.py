@@ -28,7 +28,8 @@ from packaging.version import Version
 
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.interpreter import Interpreter, build_interpreter_app
-from tests.agent.envd_harness import sandbox_env, wait_until
+from tests.agent.envd_harness import sandbox_env
+from tests.waiting import wait_until
 
 T = TypeVar("T")
 

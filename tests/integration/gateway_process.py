@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.waiting import wait_until
+
 API_KEY = "test-key"
 #: a second tenant, to check that tenants do not see each other's sandboxes
 OTHER_TENANT_KEY = "other-key"
@@ -82,13 +84,7 @@ class GatewayProcess:
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0) -> bool:
-    """Poll until `predicate` is truthy; False if the deadline passes first."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
+    return wait_until(predicate, timeout_s, interval=0.1)
 
 
 def point_sdk_at(gateway: GatewayProcess) -> None:

@@ -4,7 +4,6 @@ control plane as it runs in production, minus the processes."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,12 +75,3 @@ def sandbox_record(timeout_s: float = 300.0, **changes: object) -> SandboxRecord
 
 def tenant(name: str = "t") -> Principal:
     return Principal(tenant=name, scopes=frozenset(Scope))
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()

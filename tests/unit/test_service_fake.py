@@ -18,8 +18,9 @@ from coppice.gateway.sandboxes import SandboxService
 from coppice.gateway.wire import CreateRequest, parse_list_query
 from coppice.lifecycle import State
 from coppice.store.records import TemplatePolicy
+from tests.waiting import wait_until
 
-from .fake_pool import TEMPLATE, FakePool, fake_pool, tenant, wait_until
+from .fake_pool import TEMPLATE, FakePool, fake_pool, tenant
 
 
 def _request(**changes: object) -> CreateRequest:
