@@ -76,6 +76,12 @@ class Settings:
     jail_uid_count: int = 65536
     #: Debian mirror for template builds; empty means the one the host's apt uses
     debian_mirror: str = ""
+    #: private range each template build's /30 link to the host is cut from; kept clear of
+    #: the jail and vm networks (production's and the test instance's alike)
+    build_subnet: str = "10.79.240.0/20"
+    #: package sources a template build may reach beyond the host's own apt, pip and npm
+    #: configuration: "host" (ports 80 and 443) or "host:port", comma-separated
+    build_allowed_hosts: str = ""
     ready_timeout_s: float = 30.0
     #: how many entries one warm starts at the same time
     spawn_parallelism: int = 8
@@ -96,6 +102,12 @@ class Settings:
     cold_start_parallelism: int = 4
     default_timeout_s: int = 300
     max_timeout_s: int = 86400
+    #: template builds the gateway runs at once (each keeps CPUs busy; one template's builds
+    #: always run one after the other)
+    template_build_parallelism: int = 1
+    #: warm entries a template built through the build API gets unless pool_targets names it
+    #: (E2B users expect their own templates to start as fast as the defaults)
+    built_template_pool_target: int = 1
     #: wildcard domain for host-based routing (`<port>-<sandbox id>.<domain>`); empty: any
     sandbox_domain: str = ""
 

@@ -179,7 +179,15 @@ class SandboxNotReady(SubstrateError):
 
 
 class TemplateBuildError(CoppiceError):
-    pass
+    """A build failed. `step` names the failing step as its label (`RUN make`), or as
+    E2B's step number when it came from the build API; `log_tail` is what it printed last."""
+
+    def __init__(
+        self, message: str, step: str | None = None, log_tail: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.log_tail = log_tail
 
 
 class HostResourceExhausted(CoppiceError):

@@ -14,6 +14,10 @@ class Progress(Protocol):
     def note(self, message: str) -> None:
         """A line worth keeping in the output (a warning, a result)."""
 
+    def log(self, message: str, level: str = "info", step: str | None = None) -> None:
+        """A line of a build's own output (a RUN step's stdout), with the step it came from
+        as `step`, E2B's step number counted from 1 ("0" is the base)."""
+
 
 class SilentProgress:
     def stage(self, name: str, total: int | None = None) -> None:
@@ -23,4 +27,7 @@ class SilentProgress:
         pass
 
     def note(self, message: str) -> None:
+        pass
+
+    def log(self, message: str, level: str = "info", step: str | None = None) -> None:
         pass

@@ -1,6 +1,7 @@
 """What the gateway tells a sandbox when it hands it out: the sandbox-wide environment
 variables, the access token and the default user. Set once by `POST /init` after checkout;
-before that (while the entry sits warm and paused) the defaults apply."""
+before that (while the entry sits warm and paused) the defaults apply: the template's user,
+workdir and env vars (`template_config`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class SandboxEnvironment:
     default_user: str = "user"
     default_workdir: str | None = None
     env_vars: dict[str, str] = field(default_factory=dict)
+    #: the template's own ENVs: under `env_vars`, which /init replaces and these outlive
+    template_envs: dict[str, str] = field(default_factory=dict)
     access_token: str | None = None
     #: How a user name becomes an account (raises UnknownUser): the accounts database. Tests
     #: swap in one that gives root a scratch home, so that nothing they run as root lands in
@@ -34,6 +37,13 @@ class SandboxEnvironment:
     def user(self, name: str | None = None) -> SandboxUser:
         """The account `name` names, or the default user's. Raises UnknownUser."""
         return self.lookup_user(name or self.default_user)
+
+    def process_env(
+        self, user: SandboxUser, requested: Mapping[str, str] | None = None
+    ) -> dict[str, str]:
+        """The environment a process of `user` starts with: the user's login environment,
+        the template's env vars, the sandbox's, then the request's own, each over the last."""
+        return {**user.base_env(), **self.template_envs, **self.env_vars, **(requested or {})}
 
     def token_ok(self, presented: str | None) -> bool:
         if self.access_token is None:

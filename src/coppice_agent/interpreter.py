@@ -25,12 +25,20 @@ from starlette.types import Receive, Scope, Send
 
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.executions import Execution
+from coppice_agent.kernel_specs import (
+    PYTHON,
+    KernelCatalog,
+    LanguageKernel,
+    UnknownLanguage,
+    canonical_language,
+    resolve_language,
+)
 from coppice_agent.kernels import DEFAULT_KERNEL_ARGV, Kernel, KernelDied, KernelLaunch
+from coppice_agent.paths import default_cwd
 from coppice_agent.users import SandboxUser, UnknownUser
 
 log = logging.getLogger(__name__)
 
-LANGUAGES = ("python",)
 #: tries per kernel start, sharing the start-up timeout
 STARTUP_ATTEMPTS = 2
 
@@ -49,28 +57,14 @@ class CodeContext:
     language: str
     cwd: str
     kernel: Kernel
-    # Follows the default user's home when /init changes the default user.
-    cwd_is_home: bool
+    # Named by nobody: the sandbox's default cwd (the template's workdir, else the default
+    # user's home), followed anew when /init changes the default user.
+    cwd_is_default: bool
+    #: the kernelspec the context's kernels start from; None: the agent's own Python kernel
+    spec: LanguageKernel | None = None
 
     def describe(self) -> dict[str, str]:
         return {"id": self.id, "language": self.language, "cwd": self.cwd}
-
-
-def normalize_language(language: str | None) -> str:
-    if language is None:
-        return "python"
-    name = language.strip().lower()
-    if name in LANGUAGES:
-        return name
-    raise BadContextRequest(
-        f"language {language!r} is not supported in this sandbox; available: "
-        + ", ".join(LANGUAGES)
-    )
-
-
-def _home_or_root(user: SandboxUser) -> str:
-    # Service accounts like nobody have a home that does not exist; a kernel cannot start there.
-    return user.home if Path(user.home).is_dir() else "/"
 
 
 class Interpreter:
@@ -84,15 +78,20 @@ class Interpreter:
         kernel_argv: Sequence[str] = DEFAULT_KERNEL_ARGV,
         runtime_dir: str | None = None,
         startup_timeout: float = 60.0,
+        kernels: KernelCatalog | None = None,
     ) -> None:
+        """`kernel_argv`: the Python kernel; `kernels`: where the other languages' come from."""
         self._env = env
         self._kernel_argv = tuple(kernel_argv)
+        self._kernels = kernels or KernelCatalog()
         self._runtime_dir_request = runtime_dir
         self._runtime_dir: str | None = None
         self._startup_timeout = startup_timeout
         self._zmq: zmq.asyncio.Context | None = None
         self._contexts: dict[str, CodeContext] = {}
-        self._default_id: str | None = None
+        # Per language, the context that `/execute` without a context_id runs in (E2B's
+        # default contexts); Python's is started before the sandbox is frozen.
+        self._default_ids: dict[str, str] = {}
         # Serializes starting the default context, /init and shutdown against each other.
         self._lifecycle = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -109,7 +108,7 @@ class Interpreter:
     @property
     def is_ready(self) -> bool:
         """True once the default context's kernel is up, connected and warmed up."""
-        ctx = self._contexts.get(self._default_id or "")
+        ctx = self._contexts.get(self._default_ids.get(PYTHON, ""))
         return ctx is not None and ctx.kernel.usable
 
     async def ready(self) -> None:
@@ -120,7 +119,7 @@ class Interpreter:
         async with self._lifecycle:
             contexts = list(self._contexts.values())
             self._contexts.clear()
-            self._default_id = None
+            self._default_ids.clear()
             await asyncio.gather(*(ctx.kernel.shutdown() for ctx in contexts))
             for task in list(self._tasks):
                 task.cancel()
@@ -152,21 +151,40 @@ class Interpreter:
 
     # -- contexts ---------------------------------------------------------------------------
 
-    async def default_context(self) -> CodeContext:
-        ctx = self._contexts.get(self._default_id or "")
+    async def default_context(self, language: str | None = None) -> CodeContext:
+        """The context of `language` (Python when None) that has no id in the request,
+        started on first use."""
+        key = PYTHON if language is None else canonical_language(language)
+        ctx = self._contexts.get(self._default_ids.get(key, ""))
         if ctx is not None:
             return ctx
+        name, spec = self._resolve(language)
         async with self._lifecycle:
-            ctx = self._contexts.get(self._default_id or "")
+            ctx = self._contexts.get(self._default_ids.get(name, ""))
             if ctx is None:
-                ctx = await self._new_context(None, "python")
-                self._default_id = ctx.id
+                ctx = await self._new_context(None, name, spec)
+                self._default_ids[name] = ctx.id
             return ctx
 
     async def create_context(
         self, *, cwd: str | None = None, language: str | None = None
     ) -> CodeContext:
-        return await self._new_context(cwd, normalize_language(language))
+        return await self._new_context(cwd, *self._resolve(language))
+
+    def check_language(self, ctx: CodeContext, language: str | None) -> None:
+        """Refuses a request that names a language other than its context's."""
+        if language is not None and canonical_language(language) != ctx.language:
+            raise BadContextRequest(f"context {ctx.id!r} runs {ctx.language}, not {language}")
+
+    def _resolve(self, language: str | None) -> tuple[str, LanguageKernel | None]:
+        try:
+            home = self._env.user().home
+        except UnknownUser:
+            home = None
+        try:
+            return resolve_language(self._kernels, language, home)
+        except UnknownLanguage as exc:
+            raise BadContextRequest(str(exc)) from None
 
     def list_contexts(self) -> list[CodeContext]:
         return list(self._contexts.values())
@@ -181,33 +199,37 @@ class Interpreter:
         ctx = self._contexts.pop(context_id, None)
         if ctx is None:
             raise ContextNotFound(f"context {context_id!r} not found")
-        if context_id == self._default_id:
-            self._default_id = None
+        for language, default_id in list(self._default_ids.items()):
+            if default_id == context_id:
+                del self._default_ids[language]
         await ctx.kernel.shutdown()
 
     async def restart_context(self, context_id: str) -> None:
         await self._replace_kernel(self.get_context(context_id))
 
-    async def _new_context(self, cwd: str | None, language: str) -> CodeContext:
+    async def _new_context(
+        self, cwd: str | None, language: str, spec: LanguageKernel | None
+    ) -> CodeContext:
         user = self._user()
-        workdir = cwd if cwd is not None else _home_or_root(user)
+        workdir = cwd if cwd is not None else default_cwd(self._env, user)
         if not Path(workdir).is_dir():
             raise BadContextRequest(f"cwd {workdir!r} is not a directory")
-        kernel = await self._launch(user, workdir)
+        kernel = await self._launch(user, workdir, spec)
         ctx = CodeContext(
             id=uuid.uuid4().hex,
             language=language,
             cwd=workdir,
             kernel=kernel,
-            cwd_is_home=cwd is None,
+            cwd_is_default=cwd is None,
+            spec=spec,
         )
         self._contexts[ctx.id] = ctx
         return ctx
 
     async def _replace_kernel(self, ctx: CodeContext) -> None:
         user = self._user()
-        cwd = _home_or_root(user) if ctx.cwd_is_home else ctx.cwd
-        new = await self._launch(user, cwd)
+        cwd = default_cwd(self._env, user) if ctx.cwd_is_default else ctx.cwd
+        new = await self._launch(user, cwd, ctx.spec)
         if self._contexts.get(ctx.id) is not ctx:
             await new.shutdown()  # removed while the new kernel was starting
             raise ContextNotFound(f"context {ctx.id!r} not found")
@@ -215,7 +237,7 @@ class Interpreter:
         old, ctx.kernel, ctx.cwd = ctx.kernel, new, cwd
         await old.shutdown()
 
-    async def _launch(self, user: SandboxUser, cwd: str) -> Kernel:
+    async def _launch(self, user: SandboxUser, cwd: str, spec: LanguageKernel | None) -> Kernel:
         self._prepare_runtime_dir()
         assert self._runtime_dir is not None
         if self._zmq is None:
@@ -225,6 +247,7 @@ class Interpreter:
             user=user,
             cwd=cwd,
             env=self._kernel_env(user),
+            spec=spec,
         )
         # A kernel start on a loaded host has been seen to hang for good (no handshake);
         # a second, fresh start then succeeds. Two tries fit inside the SDK's 60 s request.
@@ -251,7 +274,7 @@ class Interpreter:
     def _kernel_env(self, user: SandboxUser) -> dict[str, str]:
         # Built from scratch: the agent's own environment (its private site dir, isolated
         # mode) must not leak into the user's interpreter.
-        return {**user.base_env(), **self._env.env_vars}
+        return self._env.process_env(user)
 
     async def _on_env_init(self, env: SandboxEnvironment) -> None:
         """After checkout: kernels started in the warm pool get the sandbox's env vars, and
@@ -275,6 +298,9 @@ class Interpreter:
 
     def execute(self, ctx: CodeContext, code: str, env_vars: Mapping[str, str] | None) -> Execution:
         """Start running `code` in `ctx` (after the cells already queued there)."""
+        if env_vars and not ctx.kernel.can_set_env:
+            # Refused rather than ignored: the code would run without the variables it asked for.
+            raise BadContextRequest(f"env_vars are not supported for {ctx.language} code")
         return Execution(lambda run: self._execute_in(ctx, code, env_vars, run), self._spawn)
 
     async def _execute_in(
@@ -391,12 +417,10 @@ def build_interpreter_app(interpreter: Interpreter, env: SandboxEnvironment) -> 
         language = _optional_str(body, "language")
         env_vars = _env_vars(body)
         if context_id is None:
-            normalize_language(language)
-            ctx = await interpreter.default_context()
+            ctx = await interpreter.default_context(language)
         else:
             ctx = interpreter.get_context(context_id)
-            if language is not None and normalize_language(language) != ctx.language:
-                raise _BadRequest(f"context {context_id!r} runs {ctx.language}, not {language}")
+            interpreter.check_language(ctx, language)
         return _ExecutionResponse(interpreter.execute(ctx, code, env_vars))
 
     async def create_context(request: Request) -> Response:

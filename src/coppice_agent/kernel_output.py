@@ -22,6 +22,10 @@ _RESULT_FIELDS: Mapping[str, str] = {
     "text/latex": "latex",
     "application/json": "json",
     "application/javascript": "javascript",
+    # E2B's own types, added by the code-interpreter image's IPython start-up
+    # (recipe_files/code-interpreter/ipython): a DataFrame's columns, a figure's chart.
+    "e2b/data": "data",
+    "e2b/chart": "chart",
 }
 
 _BASE64_TYPES = frozenset({"image/png", "image/jpeg", "application/pdf"})

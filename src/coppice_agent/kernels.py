@@ -23,7 +23,9 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
+from coppice_agent.kernel_dialects import env_code
 from coppice_agent.kernel_output import STR_RESULT_MIME, Event, output_event
+from coppice_agent.kernel_specs import LanguageKernel
 from coppice_agent.users import SandboxUser
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,43 @@ class KernelLaunch:
     user: SandboxUser
     cwd: str
     env: Mapping[str, str]
+    #: an installed kernelspec to start instead of the agent's own Python kernel (`argv`)
+    spec: LanguageKernel | None = None
+
+    @property
+    def language(self) -> str:
+        return "python" if self.spec is None else self.spec.language
+
+
+def _kernel_spec(launch: KernelLaunch) -> KernelSpec:
+    if launch.spec is None:
+        return KernelSpec(
+            argv=list(launch.argv),
+            display_name="Python 3",
+            language="python",
+            name="python3",
+            interrupt_mode="signal",
+        )
+    given = launch.spec
+    return KernelSpec(
+        argv=list(given.argv),
+        display_name=given.display_name,
+        language=given.language,
+        name=given.name,
+        env=dict(given.env),
+        resource_dir=given.resource_dir,
+        interrupt_mode=given.interrupt_mode,
+    )
+
+
+def _connection(launch: KernelLaunch, directory: str) -> dict[str, str]:
+    """ipc for our own Python kernel, so nothing else in the sandbox's network namespace can
+    reach its ports. Other kernels' ZeroMQ bindings (zeromq.js, JeroMQ) build ipc addresses
+    their own way, so they get tcp on loopback; their messages are signed with the key in
+    the connection file, which only the kernel's user can read."""
+    if launch.spec is None:
+        return {"transport": "ipc", "ip": os.path.join(directory, "s")}
+    return {"transport": "tcp", "ip": "127.0.0.1"}
 
 
 class _SandboxKernelManager(AsyncKernelManager):
@@ -193,20 +232,12 @@ class Kernel:
         directory = tempfile.mkdtemp(prefix="k", dir=runtime_dir)
         if not launch.user.is_current:
             os.chown(directory, launch.user.uid, launch.user.gid)
-        spec = KernelSpec(
-            argv=list(launch.argv),
-            display_name="Python 3",
-            language="python",
-            name="python3",
-            interrupt_mode="signal",
-        )
         manager = _SandboxKernelManager(
-            spec=spec,
+            spec=_kernel_spec(launch),
             owner=launch.user,
             context=zmq_context,
-            transport="ipc",
-            ip=os.path.join(directory, "s"),
             connection_file=os.path.join(directory, "connection.json"),
+            **_connection(launch, directory),
         )
         kernel: Kernel | None = None
         try:
@@ -218,8 +249,9 @@ class Kernel:
             )
             kernel = cls(manager, client, launch, directory)
             await asyncio.wait_for(kernel._handshake(), timeout)
-            await asyncio.wait_for(kernel._silent(_STR_RESULT_SETUP), timeout)
-            await asyncio.wait_for(kernel._warm_up(), timeout)
+            if launch.spec is None:  # Python code, for our own Python kernel only
+                await asyncio.wait_for(kernel._silent(_STR_RESULT_SETUP), timeout)
+                await asyncio.wait_for(kernel._warm_up(), timeout)
         except BaseException:
             if kernel is not None:
                 await kernel.shutdown()
@@ -267,13 +299,39 @@ class Kernel:
             # The kernel handles shell requests in order, so the bookkeeping cells around the
             # user's need no round trip of their own: their replies are dropped by whichever
             # later read meets them.
-            if env_vars:
-                self._send_silent(_set_env_code(env_vars))
+            before, after = self._cell_env_code(env_vars)
+            if before:
+                self._send_silent(before)
             try:
                 await self._run_cell(code, emit)
             finally:
-                if env_vars and self.usable:
-                    self._send_silent(_RESTORE_ENV_CODE)
+                if after and self.usable:
+                    self._send_silent(after)
+
+    @property
+    def can_set_env(self) -> bool:
+        """Whether this kernel's language can change its environment (Java's cannot)."""
+        return self.launch.spec is None or env_code(self.launch.language) is not None
+
+    def _cell_env_code(self, env_vars: Mapping[str, str] | None) -> tuple[str | None, str | None]:
+        """The cells that put `env_vars` into the kernel's environment for one cell, and that
+        take them out again."""
+        if not env_vars:
+            return None, None
+        if self.launch.spec is None:
+            return _set_env_code(env_vars), _RESTORE_ENV_CODE
+        code = env_code(self.launch.language)
+        if code is None:
+            return None, None
+        # Back to what the agent knows the kernel had; Python alone remembers exactly.
+        restore = {k: self.environment[k] for k in env_vars if k in self.environment}
+        return code(env_vars, []), code(restore, [k for k in env_vars if k not in restore])
+
+    def _env_update_code(self, set_values: Mapping[str, str], unset: Sequence[str]) -> str | None:
+        if self.launch.spec is None:
+            return _update_env_code(set_values, unset) + _RESEED_CODE
+        code = env_code(self.launch.language)
+        return None if code is None else code(set_values, unset)
 
     async def update_environment(self, target: Mapping[str, str]) -> None:
         """Bring the kernel's os.environ to `target` for every variable we manage, leaving any
@@ -289,7 +347,10 @@ class Kernel:
         async with self._lock:
             if not self.usable:
                 return
-            self._send_silent(_update_env_code(set_values, unset) + _RESEED_CODE)
+            code = self._env_update_code(set_values, unset)
+            if code is None:
+                return  # the kernel keeps the environment it started with
+            self._send_silent(code)
             self.environment = dict(target)
 
     async def interrupt(self) -> None:

@@ -24,6 +24,14 @@ def resolve_path(path: str, user: SandboxUser) -> str:
     return os.path.normpath(Path(user.home, path))
 
 
+def default_cwd(env: SandboxEnvironment, user: SandboxUser) -> str:
+    """Where a command or kernel that names no cwd starts: the sandbox's default workdir (the
+    template's), else the user's home; `/` when that is not a directory, since accounts like
+    nobody have a home that does not exist. Blocks (a stat)."""
+    cwd = resolve_path(env.default_workdir or user.home, user)
+    return cwd if Path(cwd).is_dir() else "/"
+
+
 def ensure_dirs(path: str, user: SandboxUser) -> None:
     """`mkdir -p path`, handing every directory it creates to `user`."""
     missing: list[Path] = []

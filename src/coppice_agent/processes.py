@@ -21,7 +21,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from coppice_agent.environment import SandboxEnvironment
-from coppice_agent.paths import acting_user, resolve_path
+from coppice_agent.paths import acting_user, default_cwd, resolve_path
 from coppice_agent.process_events import is_end, keepalive_event, start_event
 from coppice_agent.rpc.process.process_connect import Process
 from coppice_agent.rpc.process.process_pb import (
@@ -31,6 +31,7 @@ from coppice_agent.rpc.process.process_pb import (
     ConnectResponse,
     ListRequest,
     ListResponse,
+    ProcessConfig,
     ProcessEvent,
     ProcessInfo,
     ProcessInput,
@@ -176,6 +177,21 @@ class ProcessService(Process):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def launch(
+        self, spec: SpawnSpec, config: ProcessConfig, tag: str | None = None
+    ) -> tuple[StartedProcess, asyncio.Queue[ProcessEvent]]:
+        """Start `spec` as one of this service's processes: listed, connectable, signalled,
+        and killed when the service stops, whoever started it (a Start request, or the
+        template's start command). Returns it with a queue that has followed its events
+        from the very first byte. Raises what `SpawnSpec.spawn` raises."""
+        child = await asyncio.to_thread(spec.spawn)
+        proc = StartedProcess(child, config, tag)
+        # Follow before the pumps run so the starter sees the very first byte.
+        queue = proc.events.follow()
+        self._processes[proc.pid] = proc
+        self._keep(asyncio.create_task(self._supervise(proc)))
+        return proc, queue
+
     async def _spawn(
         self, request: StartRequest, ctx: Ctx
     ) -> tuple[StartedProcess, asyncio.Queue[ProcessEvent]]:
@@ -183,15 +199,15 @@ class ProcessService(Process):
         if config is None or not config.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
         user = await _request_user(self._env, ctx)
-        env = {**user.base_env(), **self._env.env_vars, **dict(config.envs)}
+        env = self._env.process_env(user, config.envs)
         if request.pty is not None:
             env.setdefault("TERM", "xterm-256color")
-        cwd = resolve_path(config.cwd or self._env.default_workdir or user.home, user)
-        if not await asyncio.to_thread(os.path.isdir, cwd):
-            if config.cwd:
+        if config.cwd:
+            cwd = resolve_path(config.cwd, user)
+            if not await asyncio.to_thread(os.path.isdir, cwd):
                 raise ConnectError(Code.INVALID_ARGUMENT, f"cwd {cwd!r} does not exist")
-            # Only an explicit cwd must exist; accounts like nobody have no home.
-            cwd = "/"
+        else:
+            cwd = await asyncio.to_thread(default_cwd, self._env, user)
         spec = SpawnSpec(
             argv=[config.cmd, *config.args],
             env=env,
@@ -201,21 +217,15 @@ class ProcessService(Process):
             # SDKs before `stdin` existed expected a writable stdin on every process.
             with_stdin=request.stdin if request.has_field("stdin") else True,
         )
+        tag = request.tag if request.has_field("tag") else None
         try:
-            child = await asyncio.to_thread(spec.spawn)
+            return await self.launch(spec, config, tag)
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise ConnectError(
                 Code.INVALID_ARGUMENT, f"cannot start {config.cmd!r}: {exc.strerror}"
             ) from None
         except (NoControllingTerminal, OSError) as exc:
             raise ConnectError(Code.INTERNAL, f"cannot start {config.cmd!r}: {exc}") from None
-        tag = request.tag if request.has_field("tag") else None
-        proc = StartedProcess(child, config, tag)
-        # Follow before the pumps run so the starting stream sees the very first byte.
-        queue = proc.events.follow()
-        self._processes[proc.pid] = proc
-        self._keep(asyncio.create_task(self._supervise(proc)))
-        return proc, queue
 
     async def _supervise(self, proc: StartedProcess) -> None:
         try:

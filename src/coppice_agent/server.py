@@ -2,8 +2,10 @@
 uvicorn server listening on both sockets (the port a request arrived on picks the app).
 
 Start-up order matters for the warm pool: the pool pauses an entry as soon as `/ready`
-answers, so `/ready` waits for the default kernel to be warm, and the first `run_code` after
-checkout finds it already running.
+answers, so `/ready` waits for the default kernel to be warm and for the template's ready
+command to pass (`template_start`), and the first call after checkout finds both running.
+`/ready` answers 204 then, 503 while waiting, and 500 with the reason once the template's
+start has failed (the host stops waiting on that).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from types import FrameType
 
 import uvicorn
@@ -26,10 +28,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from coppice_agent import identity
+from coppice_agent import identity, template_config
 from coppice_agent.envd import Envd
 from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.interpreter import Interpreter, build_interpreter_app
+from coppice_agent.sudo_broker import DEFAULT_SOCKET, serve_sudo
+from coppice_agent.template_config import TemplateConfig
+from coppice_agent.template_start import TemplateStartup
 
 log = logging.getLogger("coppice_agent")
 
@@ -38,11 +43,18 @@ INTERPRETER_PORT = 49999
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def build_envd_root(envd: ASGIApp, interpreter: Interpreter) -> Starlette:
+def build_envd_root(envd: ASGIApp, interpreter: Interpreter, startup: TemplateStartup) -> Starlette:
     async def ready(_: Request) -> Response:
-        if interpreter.is_ready:
-            return Response(status_code=204)
-        return JSONResponse({"code": 503, "message": "kernel still starting"}, status_code=503)
+        if startup.failure is not None:
+            return JSONResponse({"code": 500, "message": startup.failure}, status_code=500)
+        waiting = []
+        if not interpreter.is_ready:
+            waiting.append("the default kernel is still starting")
+        if not startup.passed:
+            waiting.append(startup.waiting_for())
+        if waiting:
+            return JSONResponse({"code": 503, "message": "; ".join(waiting)}, status_code=503)
+        return Response(status_code=204)
 
     return Starlette(routes=[Route("/ready", ready), Mount("/", envd)])
 
@@ -77,8 +89,13 @@ class Agent:
     what a service needs at start and stop happens here, in one place, in order.
 
     The services: envd (whose stop closes every watcher and kills every process tree still
-    running) and the code interpreter (whose start warms the default kernel in the
-    background, and whose stop shuts every kernel down)."""
+    running), the code interpreter (whose start warms the default kernel in the background,
+    and whose stop shuts every kernel down) and the template's start (whose start runs the
+    start command as one of envd's processes and waits for the ready command, in the
+    background; its stop ends a ready check still running).
+
+    `env` carries the template's user, workdir and env vars already (`environment_for`);
+    `template` gives the start and ready commands."""
 
     def __init__(
         self,
@@ -86,16 +103,24 @@ class Agent:
         *,
         ports: tuple[int, int] = (ENVD_PORT, INTERPRETER_PORT),
         interpreter: Interpreter | None = None,
+        template: TemplateConfig | None = None,
+        sudo_socket: str | None = None,
     ) -> None:
+        """`sudo_socket`: where the sudo broker listens (None: no broker; tests run the
+        agent as the host's root, where that socket would be the host's)."""
         self.ports = ports
+        self._sudo_socket = sudo_socket
+        self._sudo: asyncio.Task[None] | None = None
         self.envd = Envd(env)
         self.interpreter = interpreter or Interpreter(env)
+        self.startup = TemplateStartup(template or TemplateConfig(), env, self.envd.processes)
         app = PortDispatch(
             {ports[1]: build_interpreter_app(self.interpreter, env)},
-            build_envd_root(self.envd.app, self.interpreter),
+            build_envd_root(self.envd.app, self.interpreter, self.startup),
         )
         self._server = uvicorn.Server(_server_config(app))
         self._warm: asyncio.Task[None] | None = None
+        self._template_start: asyncio.Task[None] | None = None
         #: the signal that stopped the agent, for `run` to end the process with
         self.stop_signal: int | None = None
 
@@ -122,13 +147,20 @@ class Agent:
     def _start(self) -> None:
         self._warm = asyncio.create_task(self.interpreter.start())
         self._warm.add_done_callback(_report_failed_warm)
+        # Reports its own failures (`TemplateStartup.failure`, and the log).
+        self._template_start = asyncio.create_task(self.startup.run())
+        if self._sudo_socket is not None:
+            # bwrap's no_new_privs stops setuid sudo in a jail; the broker stands in for it.
+            self._sudo = asyncio.create_task(serve_sudo(self._sudo_socket))
 
     async def _aclose(self) -> None:
         # Each stop runs even if one before it fails.
         try:
-            if self._warm is not None:
-                self._warm.cancel()
-                await asyncio.gather(self._warm, return_exceptions=True)
+            tasks = (self._warm, self._template_start, self._sudo)
+            started = [task for task in tasks if task is not None]
+            for task in started:
+                task.cancel()
+            await asyncio.gather(*started, return_exceptions=True)
             await self.interpreter.shutdown()
         finally:
             await self.envd.aclose()
@@ -195,6 +227,16 @@ def _report_failed_warm(task: asyncio.Task[None]) -> None:
         log.info("the default kernel is ready")
 
 
+def environment_for(template: TemplateConfig, environ: Mapping[str, str]) -> SandboxEnvironment:
+    """The sandbox's defaults before /init: the template's user (unless the agent was told
+    another), workdir and env vars."""
+    return SandboxEnvironment(
+        default_user=environ.get("COPPICE_DEFAULT_USER") or template.user,
+        default_workdir=template.workdir,
+        template_envs=dict(template.envs),
+    )
+
+
 def _deliberately_incomplete(record: logging.LogRecord) -> bool:
     """uvicorn calls every unfinished response an error; a download cut short on purpose
     (its file shrank) is one, and has already logged why."""
@@ -211,9 +253,10 @@ def main() -> None:
     )
     logging.Formatter.converter = time.gmtime
     logging.getLogger("uvicorn.error").addFilter(_deliberately_incomplete)
-    env = SandboxEnvironment(default_user=os.environ.get("COPPICE_DEFAULT_USER", "user"))
+    template = template_config.load(template_config.config_path())
+    env = environment_for(template, os.environ)
     # A VM clone's own address, clock and keys arrive over virtio-serial (no-op in a jail).
     # Not one of the agent's services: a daemon thread blocked in read(), with nothing to
     # stop, that ends with the process.
     identity.start()
-    run(Agent(env))
+    run(Agent(env, template=template, sudo_socket=DEFAULT_SOCKET))

@@ -1,5 +1,6 @@
 """Runs the envd app under real uvicorn on a loopback ephemeral port, in a thread, for the
-`test_envd_*` modules; and the sandbox environment those tests run in."""
+`test_envd_*` modules (and the whole agent, for the tests of what it starts itself); and the
+sandbox environment those tests run in."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from coppice_agent.environment import SandboxEnvironment
 from coppice_agent.filesystem import FilesystemService
 from coppice_agent.rpc.filesystem.filesystem_connect import FilesystemClientSync
 from coppice_agent.rpc.process.process_connect import ProcessClientSync
+from coppice_agent.server import Agent
+from coppice_agent.template_config import TemplateConfig
 from coppice_agent.users import SandboxUser
 from tests.waiting import wait_until
 
@@ -125,6 +128,44 @@ def running_envd(
         thread.join(timeout=15)
         if not thread.is_alive():
             loop.close()
+
+
+@dataclass
+class AgentServer:
+    envd_url: str
+    interpreter_url: str
+    agent: Agent
+
+
+@contextmanager
+def running_agent(
+    env: SandboxEnvironment, template: TemplateConfig | None = None
+) -> Iterator[AgentServer]:
+    """The whole agent (envd, the code interpreter, the template's start) on two loopback
+    ports in a thread, until the block ends and it has stopped every service."""
+    sockets = [loopback_socket(), loopback_socket()]
+    ports = (sockets[0].getsockname()[1], sockets[1].getsockname()[1])
+    agent = Agent(env, ports=ports, template=template)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(
+        target=loop.run_until_complete,
+        args=(agent.serve(sockets),),
+        name="agent-under-test",
+        daemon=True,
+    )
+    thread.start()
+    if not wait_until(lambda: agent.serving or not thread.is_alive(), timeout=10):
+        raise RuntimeError("the agent did not start")
+    if not agent.serving:
+        raise RuntimeError("the agent stopped while starting")
+    try:
+        yield AgentServer(f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", agent)
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+        if thread.is_alive():
+            raise RuntimeError("the agent did not stop")
+        loop.close()
 
 
 # What the gateway reports to the SDK: the envd features this agent implements.

@@ -12,15 +12,19 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from e2b import Sandbox
+from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from coppice.config import Settings
 from coppice.images.builder import TemplateBuilder
 from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
+from coppice.substrates.build_jail import template_builder
 
 from .gateway_process import GatewayProcess, sdk_pointed_at
 from .hostscan import HostSnapshot
@@ -45,6 +49,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def instance_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="coppice-it-", dir="/var/tmp"))
+    # As /var/lib is: build sandboxes (unprivileged ids) read staged files below it.
+    path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -96,9 +102,30 @@ def controller(settings: Settings, host_before: HostSnapshot) -> Iterator[PoolCo
     assert not leaked, f"integration tests leaked host objects: {leaked}"
 
 
+def builder(controller: PoolController) -> TemplateBuilder:
+    return template_builder(controller.settings, controller.store)
+
+
 @pytest.fixture(scope="session")
 def template(controller: PoolController) -> TemplateRecord:
-    record, _built = TemplateBuilder(controller.settings, controller.store).build("python")
+    record, _built = builder(controller).build("python")
+    return record
+
+
+@pytest.fixture(scope="session")
+def base_template(controller: PoolController) -> TemplateRecord:
+    """E2B's `base` image (node, git, sudo, ...), built once per test session."""
+    record, _built = builder(controller).build("base")
+    return record
+
+
+@pytest.fixture(scope="session")
+def code_interpreter_template(
+    controller: PoolController, base_template: TemplateRecord
+) -> TemplateRecord:
+    """E2B's code interpreter image (`base` + data packages, kernels, charts), built once per
+    test session on the session's `base`."""
+    record, _built = builder(controller).build("code-interpreter-v1")
     return record
 
 
@@ -123,7 +150,7 @@ def run_cli(
 @pytest.fixture(scope="session")
 def vm_template(controller: PoolController) -> Iterator[TemplateRecord]:
     """The python-vm template; its golden snapshot (RAM in /dev/shm) goes with the session."""
-    record, _built = TemplateBuilder(controller.settings, controller.store).build("python-vm")
+    record, _built = builder(controller).build("python-vm")
     yield record
     controller.drain(record.name)
     controller.substrate("vm").forget_template(record.name)
@@ -136,6 +163,19 @@ def vm_pool(controller: PoolController, vm_template: TemplateRecord) -> Iterator
     yield controller
     controller.drain(vm_template.name)
     controller.reconcile()
+
+
+@contextmanager
+def sdk_default_template(name: str) -> Iterator[None]:
+    """`Sandbox.create()` of both SDKs asks for `name` while inside. The SDK suites run on
+    the small `python` image; E2B's own defaults (`base`, `code-interpreter-v1`) are bigger
+    images, tested through their defaults in test_default_images.py."""
+    saved = Sandbox.default_template, CodeSandbox.default_template
+    Sandbox.default_template = CodeSandbox.default_template = name
+    try:
+        yield
+    finally:
+        Sandbox.default_template, CodeSandbox.default_template = saved
 
 
 #: warm entries the SDK suites' gateway keeps
@@ -156,7 +196,7 @@ def gateway(
         cli_env, instance_dir / "gateway.log", COPPICE_POOL_TARGETS=f"python={SDK_POOL}"
     ).start()
     try:
-        with sdk_pointed_at(gw):
+        with sdk_pointed_at(gw), sdk_default_template(template.name):
             yield gw
     finally:
         controller.drain(template.name)

@@ -296,9 +296,9 @@ def test_bad_requests_get_clear_errors(gateway: GatewayProcess) -> None:
     r = httpx.post(f"{gateway.url}/v2/sandboxes", headers=h, content=b"{nope")
     assert r.status_code == 400 and "not valid JSON" in r.json()["message"]
     r = httpx.post(f"{gateway.url}/v2/sandboxes", headers=h, json={"templateID": "nosuch"})
-    assert r.status_code == 404 and "code-interpreter-v1" in r.json()["message"]
+    assert r.status_code == 404 and "python" in r.json()["message"]  # names what there is
     r = httpx.post(
-        f"{gateway.url}/v2/sandboxes", headers=h, json={"templateID": "base", "timeout": -1}
+        f"{gateway.url}/v2/sandboxes", headers=h, json={"templateID": "python", "timeout": -1}
     )
     assert r.status_code == 400 and "timeout" in r.json()["message"]
     sbx = Sandbox.create()
@@ -374,14 +374,14 @@ def test_empty_pool_without_cold_start_is_429_not_a_hang(
         answer = httpx.post(
             f"{strict.url}/v2/sandboxes",
             headers={"X-API-Key": API_KEY},
-            json={"templateID": "base", "metadata": {}, "envVars": {}},
+            json={"templateID": "python", "metadata": {}, "envVars": {}},
         )
         assert answer.status_code == 429
         assert int(answer.headers["retry-after"]) >= 1
         assert "warm more" in answer.json()["message"]
         assert time.monotonic() - started < 5
         with pytest.raises(RateLimitException):
-            Sandbox.create(api_url=strict.url, sandbox_url=strict.url)
+            Sandbox.create(template="python", api_url=strict.url, sandbox_url=strict.url)
     finally:
         strict.stop()
         gateway.start()

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from coppice.config import Settings
-from coppice.images.builder import TemplateBuilder
 from coppice.images.elf import notes
 from coppice.images.keys import PoolKey
 from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
+from coppice.substrates.build_jail import template_builder
 from coppice.substrates.readiness import ssh_banner
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -54,7 +54,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def vm_template(controller: PoolController) -> TemplateRecord:
-    record, _built = TemplateBuilder(controller.settings, controller.store).build("python-vm")
+    record, _built = template_builder(controller.settings, controller.store).build("python-vm")
     return record
 
 
@@ -83,7 +83,7 @@ def test_vm_template_holds_kernel_initramfs_and_disk(
     assert "User:     0" in init and "Mode:  0755" in init
     assert "User:  1000" in stat_in_image("/home/user")
 
-    again, built = TemplateBuilder(controller.settings, controller.store).build("python-vm")
+    again, built = template_builder(controller.settings, controller.store).build("python-vm")
     assert not built and again.recipe_hash == vm_template.recipe_hash
 
 

@@ -62,6 +62,11 @@ class RichProgress:
     def note(self, message: str) -> None:
         self._bar.console.print(message)
 
+    def log(self, message: str, level: str = "info", step: str | None = None) -> None:
+        style = "red" if level == "error" else "dim"
+        prefix = f"[{step}] " if step else ""
+        self._bar.console.print(f"{prefix}{message}", style=style, markup=False, highlight=False)
+
 
 def entries_table(entries: list[EntryRecord]) -> None:
     from rich.table import Table

@@ -7,12 +7,10 @@ Every error, the control plane's and the relay's, becomes an answer in `http_err
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -36,6 +34,8 @@ from coppice.gateway.auth import KeyRing, Principal
 from coppice.gateway.auth import Scope as KeyScope
 from coppice.gateway.catalog import TemplateCatalog
 from coppice.gateway.gateway import Gateway
+from coppice.gateway.inbound import caller as _who
+from coppice.gateway.inbound import json_body as _json
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.notices import SandboxNotices
 from coppice.gateway.proxy import SandboxDirectory, SandboxProxy, Target, target_of
@@ -51,6 +51,9 @@ from coppice.gateway.sandbox_logs import (
 )
 from coppice.gateway.sandboxes import SandboxService
 from coppice.gateway.signed_urls import is_presigned_files_request, signed_for
+from coppice.gateway.template_builds import BuildFunction, BuildService
+from coppice.gateway.template_routes import TEMPLATE_ROUTES
+from coppice.gateway.templates import TemplateService
 from coppice.gateway.wire import (
     LIST_V1_PARAMETERS,
     detail_json,
@@ -60,36 +63,22 @@ from coppice.gateway.wire import (
     parse_list_query,
     parse_pause,
     sandbox_json,
-    template_builds_json,
-    template_json,
     timeout_value,
 )
+from coppice.images.build_files import BuildFiles
+from coppice.images.spec import TemplateSpec
 from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
-from coppice.store.records import HandedOut
+from coppice.progress import Progress
+from coppice.store.records import HandedOut, TemplateRecord
+from coppice.store.store import Store
 from coppice.substrates.base import AGENT_PORT
+from coppice.substrates.build_jail import template_builder
 
 log = logging.getLogger("coppice.gateway")
 _IDEMPOTENCY_KEY = re.compile(r"^[a-z0-9-]{1,255}$")
 #: tries to hand out a sandbox whose agent accepts its identity before giving up
 INIT_ATTEMPTS = 3
-
-
-def _who(request: Request, scope: KeyScope) -> Principal:
-    gw: Gateway = request.app.state.gateway
-    principal = gw.keys.authenticate(request.headers)
-    principal.require(scope)
-    return principal
-
-
-async def _json(request: Request, default: Any = None) -> Any:
-    raw = await request.body()
-    if not raw.strip():
-        return default
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
 # -- control plane ----------------------------------------------------------------------------
@@ -121,11 +110,11 @@ async def create_sandbox(request: Request) -> Response:
 
 
 async def _init_agent(gw: Gateway, handed: HandedOut) -> None:
-    """Give the agent its identity: sandbox-wide env vars, access token, default user."""
+    """Give the agent its identity: sandbox-wide env vars and access token. The default
+    user is the template's (its last USER), which the agent already knows."""
     body = {
         "envVars": handed.sandbox.env_vars,
         "accessToken": handed.sandbox.access_token,
-        "defaultUser": "user",
     }
     host, port = gw.dial(handed)
     url = f"http://{host}:{port}/init"
@@ -257,44 +246,6 @@ async def metrics(request: Request) -> Response:
     return JSONResponse([])
 
 
-async def _catalog_json(gw: Gateway) -> list[dict[str, Any]]:
-    records = await gw.quick(gw.service.catalog.all)
-    return [template_json(t, t.policy.aliases, gw.service.limits(t.name)) for t in records]
-
-
-async def templates(request: Request) -> Response:
-    gw: Gateway = request.app.state.gateway
-    _who(request, KeyScope.READ)
-    return JSONResponse(await _catalog_json(gw))
-
-
-async def templates_v2(request: Request) -> Response:
-    gw: Gateway = request.app.state.gateway
-    _who(request, KeyScope.READ)
-    unknown = sorted(set(request.query_params) - {"teamID", "limit", "nextToken"})
-    if unknown:
-        raise InvalidRequest(f"unknown query parameter(s) {unknown}")
-    if request.query_params.get("nextToken"):
-        return JSONResponse([])  # every template fits on the first page
-    return JSONResponse(await _catalog_json(gw))
-
-
-async def template_detail(request: Request) -> Response:
-    gw: Gateway = request.app.state.gateway
-    _who(request, KeyScope.READ)
-    record = await gw.quick(gw.service.catalog.resolve, request.path_params["template_id"])
-    return JSONResponse(
-        template_builds_json(record, record.policy.aliases, gw.service.limits(record.name))
-    )
-
-
-async def template_alias(request: Request) -> Response:
-    gw: Gateway = request.app.state.gateway
-    _who(request, KeyScope.READ)
-    record = await gw.quick(gw.service.catalog.resolve, request.path_params["alias"])
-    return JSONResponse({"templateID": record.name, "public": True})
-
-
 async def sandbox_logs(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.READ)
@@ -353,10 +304,7 @@ ROUTES = [
     Route("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
     Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/metrics", metrics, methods=["GET"]),
-    Route("/templates", templates, methods=["GET"]),
-    Route("/v2/templates", templates_v2, methods=["GET"]),
-    Route("/templates/aliases/{alias:path}", template_alias, methods=["GET"]),
-    Route("/templates/{template_id}", template_detail, methods=["GET"]),
+    *TEMPLATE_ROUTES,
     Route("/v2/sandboxes/{sandbox_id}/logs", sandbox_logs, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}/logs", sandbox_logs_v1, methods=["GET"]),
 ]
@@ -414,11 +362,13 @@ class GatewayApp:
 
         gw.keeper.notices.subscribe(gw.directory.forget, ended)
         gw.keeper.start()
+        await anyio.to_thread.run_sync(gw.templates.builds.start)
         pruner = asyncio.create_task(self._prune_connections())
         try:
             yield
         finally:
             pruner.cancel()
+            await anyio.to_thread.run_sync(gw.templates.builds.stop)
             await anyio.to_thread.run_sync(gw.keeper.stop)
             await gw.proxy.aclose()
 
@@ -473,13 +423,32 @@ def _incomplete_relay_notice(record: logging.LogRecord) -> bool:
     return record.getMessage() != "ASGI callable returned without completing response."
 
 
-def build_gateway(settings: Settings, controller: PoolController) -> GatewayApp:
+def build_gateway(
+    settings: Settings, controller: PoolController, build: BuildFunction | None = None
+) -> GatewayApp:
+    """The gateway over `controller`; `build` makes templates (the build jail's builder
+    unless a test gives its own)."""
     keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
     controller.respawn = False  # the keeper refills pools in the background
     keeper = PoolKeeper(controller, settings.pool_target_map(), notices=SandboxNotices())
-    catalog = TemplateCatalog(controller.store)
+    catalog = TemplateCatalog(controller.store, settings.limits)
     service = SandboxService(settings, controller, keeper, catalog)
     directory = SandboxDirectory(controller.store.get_sandbox)
-    return GatewayApp(
-        Gateway(settings, controller, keys, keeper, service, SandboxProxy(), directory)
+    builds = BuildService(
+        controller.store,
+        settings.state_dir,
+        build or _jail_builder(settings, controller.store),
+        on_built=lambda record: keeper.template_changed(record.name),
+        parallelism=settings.template_build_parallelism,
     )
+    templates = TemplateService(settings, controller, keeper, catalog, builds)
+    return GatewayApp(
+        Gateway(settings, controller, keys, keeper, service, SandboxProxy(), directory, templates)
+    )
+
+
+def _jail_builder(settings: Settings, store: Store) -> BuildFunction:
+    def build(spec: TemplateSpec, files: BuildFiles, progress: Progress) -> TemplateRecord:
+        return template_builder(settings, store, progress).build_spec(spec, files)[0]
+
+    return build

@@ -15,6 +15,7 @@ from coppice.gateway.auth import KeyRing
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.proxy import SandboxDirectory, SandboxProxy
 from coppice.gateway.sandboxes import SandboxService
+from coppice.gateway.templates import TemplateService
 from coppice.pool.controller import PoolController
 from coppice.store.records import HandedOut
 from coppice.substrates.base import AGENT_PORT
@@ -36,6 +37,7 @@ class Gateway:
     service: SandboxService
     proxy: SandboxProxy
     directory: SandboxDirectory
+    templates: TemplateService
     _quick: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(QUICK_THREADS)
     )

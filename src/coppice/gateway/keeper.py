@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from coppice.errors import CoppiceError, EntryNotFound, IllegalTransition
 from coppice.gateway.notices import SandboxNotices
-from coppice.lifecycle import Event
+from coppice.lifecycle import Event, State
 from coppice.pool.controller import PoolController
 from coppice.store.store import Applied
 
@@ -30,7 +30,8 @@ class PoolKeeper:
     ) -> None:
         self.controller = controller
         self.store = controller.store
-        self.targets = targets
+        #: what pool_targets says; templates it does not name keep their own pool_target
+        self.configured = targets
         self.tick_s = tick_s
         self.reconcile_every_s = reconcile_every_s
         self._wake = threading.Event()
@@ -66,6 +67,29 @@ class PoolKeeper:
         self.notices.ended(applied.entry.id)
         self._teardowns.submit(self._guarded, "teardown", applied.entry.id, applied)
 
+    def template_changed(self, template: str) -> list[str]:
+        """A new version of `template` was built: its available entries, which run the old
+        one, are torn down and the refill warms the new one in their place. Sandboxes in use
+        keep the version they started with. Returns the entries replaced."""
+        running = self._warms.get(template)
+        if running is not None:
+            # A refill under way may have read the old version: let its entries land first.
+            wait([running])
+        replaced = []
+        for entry in self.store.list_entries(template):
+            if entry.state is not State.AVAILABLE:
+                continue
+            try:
+                applied = self.store.apply_if_unchanged(entry, Event.DRAIN, "template rebuilt")
+            except (EntryNotFound, IllegalTransition):
+                continue
+            if applied is None:
+                continue  # checked out meanwhile: it serves the old version to its caller
+            self._teardowns.submit(self._guarded, "replacement", entry.id, applied)
+            replaced.append(entry.id)
+        self._wake.set()
+        return replaced
+
     # -- the loop -------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -83,8 +107,18 @@ class PoolKeeper:
                 log.exception("pool keeper pass failed; retrying on the next tick")
             self._wake.wait(self.tick_s)
 
+    def targets(self) -> dict[str, int]:
+        """Every pool to keep at size: the configured ones, and templates that carry a
+        target of their own (built through the build API)."""
+        found = {
+            t.name: t.policy.pool_target
+            for t in self.store.list_templates()
+            if t.policy.pool_target is not None
+        }
+        return {**found, **self.configured}
+
     def refill(self) -> None:
-        for template, target in self.targets.items():
+        for template, target in self.targets().items():
             running = self._warms.get(template)
             if running is not None and not running.done():
                 continue

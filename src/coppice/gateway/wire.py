@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from coppice.config import Limits
 from coppice.errors import InvalidRequest, NotSupportedYet
-from coppice.store.records import HandedOut, TemplateRecord
+from coppice.store.records import HandedOut, TemplateBuildRecord, TemplateRecord
 
 #: the envd protocol level the agent implements; the SDK turns features on by it (§1.4)
 ENVD_VERSION = "0.6.4"
@@ -228,56 +229,99 @@ def detail_json(h: HandedOut, template: str, limits: Limits) -> dict[str, Any]:
 
 
 def build_id(t: TemplateRecord) -> str:
-    """E2B's build ids are UUIDs; a build here is named by its recipe hash, shaped as one."""
+    """E2B's build ids are UUIDs; a version built without the build API (the CLI, a recipe)
+    is named by its recipe hash, shaped as one."""
     try:
         return str(uuid.UUID(hex=t.recipe_hash[:32]))
     except ValueError:
         return str(uuid.uuid5(uuid.NAMESPACE_OID, t.recipe_hash))
 
 
+def build_json(b: TemplateBuildRecord) -> dict[str, Any]:
+    """One `TemplateBuild`: a build and what its sandboxes get."""
+    body: dict[str, Any] = {
+        "buildID": b.id,
+        "status": b.status,
+        "createdAt": iso(b.created_at),
+        "updatedAt": iso(b.updated_at),
+        "cpuCount": max(1, round(b.limits.cpus)),
+        "memoryMB": b.limits.memory_mb,
+        "diskSizeMB": b.limits.disk_mb,
+        "envdVersion": ENVD_VERSION,
+    }
+    if b.finished_at is not None:
+        body["finishedAt"] = iso(b.finished_at)
+    return body
+
+
 def template_builds_json(
-    t: TemplateRecord, aliases: tuple[str, ...], limits: Limits
+    t: TemplateRecord,
+    aliases: tuple[str, ...],
+    limits: Limits,
+    builds: Sequence[TemplateBuildRecord],
+    current: TemplateBuildRecord,
 ) -> dict[str, Any]:
     """`GET /templates/{id}`: the template (the SDK reads every `Template` field here, more
-    than the published spec lists) with its builds. A template here has one build, the one
-    serving."""
+    than the published spec lists) with its builds, newest first."""
     return {
-        **template_json(t, aliases, limits),
-        "builds": [
-            {
-                "buildID": build_id(t),
-                "status": "ready",
-                "createdAt": iso(t.built_at - t.build_seconds),
-                "updatedAt": iso(t.built_at),
-                "finishedAt": iso(t.built_at),
-                "cpuCount": max(1, round(limits.cpus)),
-                "memoryMB": limits.memory_mb,
-                "diskSizeMB": limits.disk_mb,
-                "envdVersion": ENVD_VERSION,
-            }
-        ],
+        **template_json(t, aliases, limits, builds, current),
+        "builds": [build_json(b) for b in builds],
     }
 
 
-def template_json(t: TemplateRecord, aliases: tuple[str, ...], limits: Limits) -> dict[str, Any]:
+def template_json(
+    t: TemplateRecord,
+    aliases: tuple[str, ...],
+    limits: Limits,
+    builds: Sequence[TemplateBuildRecord],
+    current: TemplateBuildRecord,
+) -> dict[str, Any]:
+    """One template as the lists show it; `current` is the build that serves, `builds` all
+    of them newest first (its status is the template's `buildStatus`, as E2B's)."""
+    created = min([t.built_at, *(b.created_at for b in builds)])
     return {
         "templateID": t.name,
-        "buildID": build_id(t),
+        "buildID": current.id,
         "aliases": list(aliases),
         "names": [t.name, *aliases],
         "cpuCount": max(1, round(limits.cpus)),
         "memoryMB": limits.memory_mb,
         "diskSizeMB": limits.disk_mb,
         "public": True,
-        "createdAt": iso(t.built_at),
-        "updatedAt": iso(t.built_at),
+        "createdAt": iso(created),
+        "updatedAt": iso(max([t.built_at, *(b.updated_at for b in builds)])),
         "lastSpawnedAt": None,
         "spawnCount": 0,
-        "buildCount": 1,
-        "buildStatus": "ready",
+        "buildCount": max(1, len(builds)),
+        "buildStatus": builds[0].status if builds else "ready",
         "envdVersion": ENVD_VERSION,
         "createdBy": None,
         "substrate": t.substrate,
+    }
+
+
+def unbuilt_template_json(name: str, builds: Sequence[TemplateBuildRecord]) -> dict[str, Any]:
+    """`GET /templates/{id}` of a template asked for whose builds have not succeeded yet:
+    what its latest build asked for, and its builds."""
+    latest = builds[0]
+    return {
+        "templateID": name,
+        "buildID": latest.id,
+        "aliases": [],
+        "names": [name],
+        "cpuCount": max(1, round(latest.limits.cpus)),
+        "memoryMB": latest.limits.memory_mb,
+        "diskSizeMB": latest.limits.disk_mb,
+        "public": True,
+        "createdAt": iso(min(b.created_at for b in builds)),
+        "updatedAt": iso(max(b.updated_at for b in builds)),
+        "lastSpawnedAt": None,
+        "spawnCount": 0,
+        "buildCount": len(builds),
+        "buildStatus": latest.status,
+        "envdVersion": ENVD_VERSION,
+        "createdBy": None,
+        "builds": [build_json(b) for b in builds],
     }
 
 

@@ -8,6 +8,7 @@ inside the sandbox cannot change its own address, routes or firewall.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
@@ -21,6 +22,9 @@ from coppice.store.ipam import mac_for
 
 NETNS_DIR = Path("/run/netns")
 HOST_LINK_PREFIX = "copp"
+
+
+_ENTRY_ID = re.compile(r"[0-9a-f]{10}")
 
 
 class SandboxLink:
@@ -93,7 +97,8 @@ class SandboxLink:
                         raise
 
     def entry_ids(self) -> set[str]:
-        """Entries that have a namespace or a bridge port on this host right now."""
+        """Entries that have a namespace or a bridge port on this host right now. Only
+        names shaped like entry ids count: a build's network shares the prefix."""
         found: set[str] = set()
         if NETNS_DIR.is_dir():
             found.update(
@@ -106,4 +111,4 @@ class SandboxLink:
             for n in self.bridge.port_names()
             if n.startswith(HOST_LINK_PREFIX)
         )
-        return found
+        return {name for name in found if _ENTRY_ID.fullmatch(name)}

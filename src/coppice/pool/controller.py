@@ -168,7 +168,8 @@ class PoolController:
         try:
             handle = sub.spawn(spec)
             self.store.set_handle(entry.id, handle)
-            sub.wait_ready(spec, handle, self.settings.ready_timeout_s)
+            wait_s = template.policy.ready_timeout_s or self.settings.ready_timeout_s
+            sub.wait_ready(spec, handle, wait_s)
             if not pause:
                 return entry  # still warming; the caller hands it out
             sub.pause(entry.id, handle)

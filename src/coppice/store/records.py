@@ -22,12 +22,19 @@ class TemplatePolicy:
     limits: Limits | None = None
     aliases: tuple[str, ...] = ()
     cold_start: bool = True
+    #: warm entries the gateway keeps of it when `pool_targets` does not say; None: none
+    pool_target: int | None = None
+    #: how long a warm waits for it to answer; None: the host's `ready_timeout_s` (a start
+    #: command's ready check can take longer than an agent's start-up)
+    ready_timeout_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "limits": None if self.limits is None else dataclasses.asdict(self.limits),
             "aliases": list(self.aliases),
             "cold_start": self.cold_start,
+            "pool_target": self.pool_target,
+            "ready_timeout_s": self.ready_timeout_s,
         }
 
     @classmethod
@@ -37,6 +44,8 @@ class TemplatePolicy:
             limits=None if limits is None else Limits(**limits),
             aliases=tuple(data.get("aliases") or ()),
             cold_start=bool(data.get("cold_start", True)),
+            pool_target=data.get("pool_target"),
+            ready_timeout_s=data.get("ready_timeout_s"),
         )
 
 
@@ -272,3 +281,103 @@ class HandedOut:
 
     sandbox: SandboxRecord
     entry: EntryRecord
+
+
+#: a template build's states, E2B's names: requested (and queued), running, done, failed
+BUILD_STATUSES = ("waiting", "building", "ready", "error")
+
+
+@dataclass(frozen=True)
+class BuildLogEntry:
+    """One line of a build's log."""
+
+    timestamp: float
+    level: str  # debug, info, warn or error
+    message: str
+    #: E2B's step the line belongs to: "base", "1", "2", ..., "finalize"; None: the build's own
+    step: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ts": self.timestamp,
+            "level": self.level,
+            "message": self.message,
+            "step": self.step,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildLogEntry:
+        return cls(float(data["ts"]), str(data["level"]), str(data["message"]), data.get("step"))
+
+
+@dataclass(frozen=True)
+class BuildFailure:
+    """Why a build ended in error: the message the SDK raises, the failing step, its tail."""
+
+    message: str
+    step: str | None = None
+    log_tail: tuple[BuildLogEntry, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "step": self.step,
+            "log_tail": [e.to_json() for e in self.log_tail],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildFailure:
+        tail = tuple(BuildLogEntry.from_json(e) for e in data.get("log_tail") or ())
+        return cls(str(data["message"]), data.get("step"), tail)
+
+
+@dataclass(frozen=True)
+class TemplateBuildRecord:
+    """One build asked for through the build API. Its template's record (in `templates`)
+    changes only when a build of it succeeds; `recipe_hash` then says which version it made."""
+
+    id: str
+    template: str
+    status: str
+    #: what the template's sandboxes get, as the build request asked
+    limits: Limits
+    #: tags the build takes when it succeeds
+    tags: tuple[str, ...]
+    created_at: float
+    updated_at: float
+    #: when the build was started (POST of its steps); None: not asked to start yet
+    started_at: float | None = None
+    finished_at: float | None = None
+    recipe_hash: str | None = None
+    failure: BuildFailure | None = None
+
+    @property
+    def triggered(self) -> bool:
+        return self.started_at is not None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> TemplateBuildRecord:
+        failure = json.loads(row["failure"]) if row["failure"] else None
+        return cls(
+            id=row["id"],
+            template=row["template"],
+            status=row["status"],
+            limits=Limits(**json.loads(row["limits"])),
+            tags=tuple(json.loads(row["tags"])),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            recipe_hash=row["recipe_hash"],
+            failure=None if failure is None else BuildFailure.from_json(failure),
+        )
+
+
+@dataclass(frozen=True)
+class TemplateTagRecord:
+    """A tag names one build of a template (`name:tag`)."""
+
+    template: str
+    tag: str
+    build_id: str
+    created_at: float

@@ -71,6 +71,41 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE templates ADD COLUMN policy TEXT;
     """,
+    # 5: builds asked for through the E2B build API, their logs, and the tags naming them
+    """
+    CREATE TABLE template_builds (
+        id          TEXT PRIMARY KEY,
+        template    TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        limits      TEXT NOT NULL,
+        tags        TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        started_at  REAL,
+        finished_at REAL,
+        recipe_hash TEXT,
+        failure     TEXT,
+        owner_pid   INTEGER,
+        owner_start INTEGER
+    );
+    CREATE INDEX template_builds_of ON template_builds (template, created_at);
+    CREATE TABLE build_logs (
+        build_id TEXT NOT NULL REFERENCES template_builds (id) ON DELETE CASCADE,
+        seq      INTEGER NOT NULL,
+        ts       REAL NOT NULL,
+        level    TEXT NOT NULL,
+        message  TEXT NOT NULL,
+        step     TEXT,
+        PRIMARY KEY (build_id, seq)
+    );
+    CREATE TABLE template_tags (
+        template   TEXT NOT NULL,
+        tag        TEXT NOT NULL,
+        build_id   TEXT NOT NULL REFERENCES template_builds (id) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (template, tag)
+    );
+    """,
 )
 
 

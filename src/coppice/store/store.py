@@ -14,14 +14,17 @@ import secrets
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from coppice.config import Limits
 from coppice.errors import (
     CapacityExceeded,
+    Conflict,
     EntryNotFound,
     HostResourceExhausted,
     PoolExhausted,
@@ -33,11 +36,15 @@ from coppice.store import ipam
 from coppice.store.records import (
     ENTRY_COLUMNS,
     SANDBOX_COLUMNS,
+    BuildFailure,
+    BuildLogEntry,
     EntryRecord,
     HandedOut,
     Handle,
     SandboxRecord,
+    TemplateBuildRecord,
     TemplateRecord,
+    TemplateTagRecord,
 )
 from coppice.store.schema import migrate
 
@@ -137,9 +144,244 @@ class Store:
         return [TemplateRecord.from_row(r) for r in rows]
 
     def delete_template(self, name: str) -> None:
+        """The template goes with its build history and tags (and their logs, by cascade)."""
         with self._write() as conn:
             conn.execute("DELETE FROM templates WHERE name = ?", (name,))
+            conn.execute("DELETE FROM template_tags WHERE template = ?", (name,))
+            conn.execute("DELETE FROM template_builds WHERE template = ?", (name,))
             self._event(conn, "template_removed", None, name)
+
+    # -- template builds --------------------------------------------------------------------
+
+    def add_build(self, template: str, limits: Limits, tags: Sequence[str]) -> TemplateBuildRecord:
+        """A build asked for, waiting for its steps."""
+        build_id = str(uuid.uuid4())
+        now = time.time()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO template_builds (id, template, status, limits, tags, created_at,"
+                " updated_at) VALUES (?, ?, 'waiting', ?, ?, ?, ?)",
+                (build_id, template, json.dumps(asdict(limits)),
+                 json.dumps(list(tags)), now, now),
+            )  # fmt: skip
+            self._event(conn, "build_requested", None, template, build_id)
+        found = self.get_build(build_id)
+        assert found is not None
+        return found
+
+    def record_build(self, build: TemplateBuildRecord) -> None:
+        """Keep a build made some other way (a CLI build, as the gateway names it), so that
+        tags can name it; a build already kept stays as it is."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO template_builds (id, template, status, limits, tags,"
+                " created_at, updated_at, started_at, finished_at, recipe_hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (build.id, build.template, build.status, json.dumps(asdict(build.limits)),
+                 json.dumps(list(build.tags)), build.created_at, build.updated_at,
+                 build.started_at, build.finished_at, build.recipe_hash),
+            )  # fmt: skip
+
+    def get_build(self, build_id: str) -> TemplateBuildRecord | None:
+        row = (
+            self._conn()
+            .execute("SELECT * FROM template_builds WHERE id = ?", (build_id,))
+            .fetchone()
+        )
+        return None if row is None else TemplateBuildRecord.from_row(row)
+
+    def list_builds(self, template: str | None = None) -> list[TemplateBuildRecord]:
+        """Newest first."""
+        where, args = ("WHERE template = ?", (template,)) if template is not None else ("", ())
+        rows = self._conn().execute(
+            f"SELECT * FROM template_builds {where} ORDER BY created_at DESC, id",  # noqa: S608
+            args,
+        )
+        return [TemplateBuildRecord.from_row(r) for r in rows.fetchall()]
+
+    def trigger_build(self, build_id: str) -> TemplateBuildRecord:
+        """The build's steps arrived: it is queued (still waiting) and cannot start twice."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE template_builds SET started_at = ?, updated_at = ?, owner_pid = ?,"
+                " owner_start = ? WHERE id = ? AND status = 'waiting' AND started_at IS NULL",
+                (time.time(), time.time(), self.owner.pid, self.owner.start_time, build_id),
+            )
+            if cur.rowcount == 0:
+                raise Conflict(
+                    f"build {build_id} was already started; request a new build to build again"
+                )
+        found = self.get_build(build_id)
+        assert found is not None
+        return found
+
+    def begin_build(self, build_id: str) -> bool:
+        """A worker took the build up; False if it is no longer waiting (given up on)."""
+        return self._move_build(build_id, "waiting", "building")
+
+    def finish_build(self, build_id: str, recipe_hash: str) -> bool:
+        """The build made `recipe_hash`, now serving: it is ready and takes its tags."""
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT * FROM template_builds WHERE id = ? AND status = 'building'", (build_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            build = TemplateBuildRecord.from_row(row)
+            conn.execute(
+                "UPDATE template_builds SET status = 'ready', recipe_hash = ?, updated_at = ?,"
+                " finished_at = ? WHERE id = ?",
+                (recipe_hash, now, now, build_id),
+            )
+            for tag in build.tags:
+                conn.execute(
+                    "INSERT OR REPLACE INTO template_tags (template, tag, build_id, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (build.template, tag, build_id, now),
+                )
+            self._event(conn, "build_ready", None, build.template, build_id)
+        return True
+
+    def fail_build(self, build_id: str, failure: BuildFailure) -> bool:
+        now = time.time()
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE template_builds SET status = 'error', failure = ?, updated_at = ?,"
+                " finished_at = ? WHERE id = ? AND status IN ('waiting', 'building')",
+                (json.dumps(failure.to_json()), now, now, build_id),
+            )
+            if cur.rowcount:
+                self._event(conn, "build_failed", None, None, f"{build_id}: {failure.message}")
+        return cur.rowcount > 0
+
+    def interrupt_builds(self, message: str) -> list[str]:
+        """Builds started and not finished whose process is gone (it ran them) end in error;
+        returns them. Builds still waiting for their steps are left: the caller may yet
+        start them."""
+        failure = json.dumps(BuildFailure(message).to_json())
+        now = time.time()
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT id, owner_pid, owner_start FROM template_builds WHERE status = 'building'"
+                " OR (status = 'waiting' AND started_at IS NOT NULL)"
+            ).fetchall()
+            ids = [
+                r[0] for r in rows if r[1] is None or not ProcessIdentity(r[1], r[2]).is_running()
+            ]
+            for build_id in ids:
+                conn.execute(
+                    "UPDATE template_builds SET status = 'error', failure = ?, updated_at = ?,"
+                    " finished_at = ? WHERE id = ?",
+                    (failure, now, now, build_id),
+                )
+        return ids
+
+    def _move_build(self, build_id: str, before: str, after: str) -> bool:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE template_builds SET status = ?, updated_at = ? WHERE id = ? AND status = ?",
+                (after, time.time(), build_id, before),
+            )
+        return cur.rowcount > 0
+
+    def add_build_logs(self, build_id: str, entries: Sequence[BuildLogEntry]) -> None:
+        with self._write() as conn:
+            start = conn.execute(
+                "SELECT COALESCE(MAX(seq), -1) + 1 FROM build_logs WHERE build_id = ?",
+                (build_id,),
+            ).fetchone()[0]
+            conn.executemany(
+                "INSERT INTO build_logs (build_id, seq, ts, level, message, step)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (build_id, start + i, e.timestamp, e.level, e.message, e.step)
+                    for i, e in enumerate(entries)
+                ],
+            )
+
+    def build_logs(
+        self,
+        build_id: str,
+        *,
+        levels: Sequence[str] | None = None,
+        offset: int = 0,
+        limit: int = 100,
+        since: float | None = None,
+        until: float | None = None,
+        newest_first: bool = False,
+    ) -> list[BuildLogEntry]:
+        """A build's log lines in order (or newest first), optionally of some levels only
+        and from or up to a time; `offset` counts the lines that match."""
+        where: list[str] = ["build_id = ?"]
+        args: list[object] = [build_id]
+        if levels is not None:
+            where.append(f"level IN ({', '.join('?' for _ in levels)})")
+            args += list(levels)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts <= ?")
+            args.append(until)
+        order = "DESC" if newest_first else "ASC"
+        rows = self._conn().execute(
+            f"SELECT ts, level, message, step FROM build_logs WHERE {' AND '.join(where)}"  # noqa: S608
+            f" ORDER BY seq {order} LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        )
+        return [BuildLogEntry(r[0], r[1], r[2], r[3]) for r in rows.fetchall()]
+
+    # -- template tags ----------------------------------------------------------------------
+
+    def tag_build(self, template: str, build_id: str, tags: Sequence[str]) -> None:
+        now = time.time()
+        with self._write() as conn:
+            for tag in tags:
+                conn.execute(
+                    "INSERT OR REPLACE INTO template_tags (template, tag, build_id, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (template, tag, build_id, now),
+                )
+
+    def untag(self, template: str, tags: Sequence[str]) -> list[str]:
+        """Removes the tags that exist, all or none: returns those that do not (and then
+        removes nothing)."""
+        with self._write() as conn:
+            known = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT tag FROM template_tags WHERE template = ?", (template,)
+                )
+            }
+            missing = [t for t in tags if t not in known]
+            if missing:
+                return missing
+            conn.executemany(
+                "DELETE FROM template_tags WHERE template = ? AND tag = ?",
+                [(template, t) for t in tags],
+            )
+        return []
+
+    def list_tags(self, template: str) -> list[TemplateTagRecord]:
+        rows = self._conn().execute(
+            "SELECT template, tag, build_id, created_at FROM template_tags WHERE template = ?"
+            " ORDER BY created_at DESC, tag",
+            (template,),
+        )
+        return [TemplateTagRecord(*r) for r in rows.fetchall()]
+
+    def get_tag(self, template: str, tag: str) -> TemplateTagRecord | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT template, tag, build_id, created_at FROM template_tags"
+                " WHERE template = ? AND tag = ?",
+                (template, tag),
+            )
+            .fetchone()
+        )
+        return None if row is None else TemplateTagRecord(*row)
 
     # -- entries ----------------------------------------------------------------------------
 

@@ -116,7 +116,7 @@ class JailSubstrate:
 
     def prepare_host(self) -> None:
         self.check_prerequisites()
-        self._ensure_subordinate_ids()
+        ensure_subordinate_ids(self.settings)
         self.link.bridge.ensure()
         self.cgroups.prepare()
         self.settings.entries_dir.mkdir(parents=True, exist_ok=True)
@@ -137,26 +137,6 @@ class JailSubstrate:
         for d in (self.settings.entries_dir, self.settings.run_dir):
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
-
-    def _ensure_subordinate_ids(self) -> None:
-        """newuidmap only maps ranges /etc/subuid grants; grant root the jails' range once."""
-        lo = self.settings.jail_uid_base
-        hi = lo + self.settings.jail_uid_count - 1
-        if _grants_range(Path("/etc/subuid"), lo, hi) and _grants_range(
-            Path("/etc/subgid"), lo, hi
-        ):
-            return
-        done = subprocess.run(
-            ["usermod", "--add-subuids", f"{lo}-{hi}", "--add-subgids", f"{lo}-{hi}", "root"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise PrerequisiteMissing(
-                f"cannot grant root the id range {lo}-{hi} in /etc/subuid and /etc/subgid: "
-                f"{done.stderr.strip()}"
-            )
 
     # -- one entry ----------------------------------------------------------------------------
 
@@ -382,6 +362,25 @@ class JailSubstrate:
                 "directories": dirs,
                 "mounts": mounted,
             }
+        )
+
+
+def ensure_subordinate_ids(settings: Settings) -> None:
+    """newuidmap only maps ranges /etc/subuid grants; grant root the jails' range once."""
+    lo = settings.jail_uid_base
+    hi = lo + settings.jail_uid_count - 1
+    if _grants_range(Path("/etc/subuid"), lo, hi) and _grants_range(Path("/etc/subgid"), lo, hi):
+        return
+    done = subprocess.run(
+        ["usermod", "--add-subuids", f"{lo}-{hi}", "--add-subgids", f"{lo}-{hi}", "root"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise PrerequisiteMissing(
+            f"cannot grant root the id range {lo}-{hi} in /etc/subuid and /etc/subgid: "
+            f"{done.stderr.strip()}"
         )
 
 

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
 
 from coppice.errors import SandboxDied, SandboxNotReady
+
+#: what the agent's /ready answers once the template's start has failed for good (its start
+#: command exited with an error, or its ready command ran out of time); 503 means "not yet"
+READY_FAILED_STATUS = 500
+#: enough for the agent's reason and the start command's last lines
+_MAX_FAILURE_BYTES = 64 * 1024
+
+
+class AgentStartFailed(Exception):
+    """The agent answered that it will never be ready; the message is its reason. Not an
+    OSError: waiting longer cannot help."""
 
 
 def ssh_banner(ip: str, port: int = 22, timeout_s: float = 1.0) -> str:
@@ -24,24 +36,47 @@ def ssh_banner(ip: str, port: int = 22, timeout_s: float = 1.0) -> str:
 
 
 def agent_health(ip: str, port: int, timeout_s: float = 1.0, path: str = "/health") -> int:
-    """GET `path` over a fresh connection; returns the 2xx status, raises on anything else.
+    """GET `path` over a fresh connection; returns the 2xx status. Raises AgentStartFailed
+    with the agent's reason on READY_FAILED_STATUS, ConnectionError on any other answer.
 
-    `/health` says the agent is up; `/ready` says it is warm (its kernel answers), which is
-    what a warm must wait for so that the first call after checkout pays no start-up.
+    `/health` says the agent is up; `/ready` says it is warm (its kernel answers and the
+    template's ready command has passed), which is what a warm must wait for so that the
+    first call after checkout pays no start-up.
     """
     with socket.create_connection((ip, port), timeout=timeout_s) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    status = data.split(b"\r\n", 1)[0].split()
+        data = _receive_until(s, lambda got: b"\r\n" in got)
+        status = data.split(b"\r\n", 1)[0].split()
+        if len(status) >= 2 and status[1] == str(READY_FAILED_STATUS).encode():
+            # Only now is the body worth reading: the agent closes after it (Connection: close).
+            data = _receive_until(s, lambda _: False, data)
+            raise AgentStartFailed(_failure_reason(data))
     if len(status) < 2 or not status[1].startswith(b"2"):
         raise ConnectionError(f"agent answered {data[:80]!r} to {path}")
     return int(status[1])
+
+
+def _receive_until(s: socket.socket, enough: Callable[[bytes], bool], data: bytes = b"") -> bytes:
+    """Read until `enough(data)`, the peer closes, or the size cap."""
+    while not enough(data) and len(data) < _MAX_FAILURE_BYTES:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _failure_reason(response: bytes) -> str:
+    """The agent's `message` from a JSON error body, else the body as text."""
+    body = response.partition(b"\r\n\r\n")[2]
+    try:
+        message = json.loads(body).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    if isinstance(message, str) and message:
+        return message
+    return body.decode(errors="replace").strip() or "no reason given"
 
 
 def wait_until_answering(
@@ -53,6 +88,9 @@ def wait_until_answering(
     is_alive: Callable[[], bool],
     diagnostics: Callable[[], str],
 ) -> None:
+    """Retry until the agent is ready and SSH answers; anything short of an answer (refused,
+    silent, 503) is "not yet" until `timeout_s`. The agent saying its start failed ends the
+    wait at once, with its reason."""
     deadline = time.monotonic() + timeout_s
     delay = 0.002
     agent_ok = ssh_ok = False
@@ -66,6 +104,8 @@ def wait_until_answering(
                 ssh_banner(ip, ssh_port, timeout_s=0.5)
                 ssh_ok = True
             return
+        except AgentStartFailed as exc:
+            raise SandboxNotReady(f"sandbox {entry_id} did not start: {exc}") from None
         except OSError as exc:
             last_error = f"{type(exc).__name__}: {exc}"
         if not is_alive():
