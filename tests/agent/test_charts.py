@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from coppice.images.recipes import RECIPE_FILES
+from coppice_agent.kernel_output import result_event
 from tests.agent.envd_harness import sandbox_env
 from tests.agent.test_interpreter import Served, serve
 
@@ -117,6 +118,19 @@ def served(
 @pytest.fixture(scope="module")
 def sbx(served: Served) -> Any:
     return served.sdk()
+
+
+def test_e2b_types_become_the_results_data_and_chart() -> None:
+    chart: dict[str, object] = {"type": "line", "title": None, "elements": []}
+    bundle = {"text/plain": "<Figure>", "e2b/chart": chart, "e2b/data": {"a": [1]}, "x/y": "z"}
+    assert result_event(bundle, is_main_result=False) == {
+        "type": "result",
+        "text": "<Figure>",
+        "chart": chart,
+        "data": {"a": [1]},
+        "extra": {"x/y": "z"},
+        "is_main_result": False,
+    }
 
 
 BAR = """

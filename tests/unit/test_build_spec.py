@@ -114,3 +114,11 @@ def test_nothing_after_a_forced_step_comes_from_the_cache(
             seen_run = True
         else:
             assert keys[i] in cached
+
+
+def test_copy_paths_expand_the_images_variables_as_docker_does() -> None:
+    from coppice.images.step_runner import expand_vars
+
+    env = {"APP_HOME": "/app", "V": "2"}
+    assert expand_vars("$APP_HOME/", env) == "/app/"
+    assert expand_vars("${APP_HOME}/v$V/$UNSET", env) == "/app/v2/"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shlex
 import shutil
 from collections.abc import Iterator, Sequence
@@ -138,7 +139,9 @@ class StepRunner:
 
     def _copy(self, parent: Manifest, planned: PlannedStep, config: ImageConfig) -> Manifest:
         step = planned.step
-        src, dest = step.args[0], step.args[1]
+        # The SDK leaves `$VAR` in COPY's paths for the builder, as Docker expands them.
+        env = config.env_dict()
+        src, dest = expand_vars(step.args[0], env), expand_vars(step.args[1], env)
         owner = step.args[2] if len(step.args) > 2 and step.args[2] else config.user
         mode = step.args[3] if len(step.args) > 3 and step.args[3] else ""
         if self.files is None or step.files_hash is None:
@@ -170,6 +173,14 @@ class StepRunner:
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def expand_vars(text: str, env: dict[str, str]) -> str:
+    """`$NAME` and `${NAME}` from the image's environment; an unset name is empty."""
+    return _VAR.sub(lambda m: env.get(m.group(1) or m.group(2), ""), text)
 
 
 def _matches(context: Path, src: str, number: str) -> list[Path]:
