@@ -90,7 +90,7 @@ class Settings:
     vm_spawn_parallelism: int = 2
     # -- gateway (`coppice serve`) --
     #: pools the service keeps at size: "template=count,template=count"
-    pool_targets: str = "python=4"
+    pool_targets: str = "base=2,code-interpreter-v1=2"
     #: API keys: "key" (every scope) or "tenant:key:scope|scope", comma-separated; empty
     #: means no authentication, and then the gateway refuses to listen beyond loopback
     api_keys: str = ""

@@ -12,12 +12,9 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from e2b import Sandbox
-from e2b_code_interpreter import Sandbox as CodeSandbox
 
 from coppice.config import Settings
 from coppice.images.builder import TemplateBuilder
@@ -165,38 +162,33 @@ def vm_pool(controller: PoolController, vm_template: TemplateRecord) -> Iterator
     controller.reconcile()
 
 
-@contextmanager
-def sdk_default_template(name: str) -> Iterator[None]:
-    """`Sandbox.create()` of both SDKs asks for `name` while inside. The SDK suites run on
-    the small `python` image; E2B's own defaults (`base`, `code-interpreter-v1`) are bigger
-    images, tested through their defaults in test_default_images.py."""
-    saved = Sandbox.default_template, CodeSandbox.default_template
-    Sandbox.default_template = CodeSandbox.default_template = name
-    try:
-        yield
-    finally:
-        Sandbox.default_template, CodeSandbox.default_template = saved
-
-
-#: warm entries the SDK suites' gateway keeps
+#: warm entries of `base` and `code-interpreter-v1` the SDK suites' gateway keeps
 SDK_POOL = 4
+CODE_POOL = 2
 
 
 @pytest.fixture(scope="module")
 def gateway(
     cli_env: dict[str, str],
-    template: TemplateRecord,
+    base_template: TemplateRecord,
+    code_interpreter_template: TemplateRecord,
     controller: PoolController,
     instance_dir: Path,
 ) -> Iterator[GatewayProcess]:
-    """`coppice serve` on loopback with a warm python pool, the SDK pointed at it (one per
-    test module)."""
-    controller.drain(template.name)
+    """`coppice serve` on loopback with warm pools of the SDKs' default templates (`base`
+    for e2b's Sandbox, `code-interpreter-v1` for the code interpreter's), the SDK pointed
+    at it (one per test module)."""
+    names = (base_template.name, code_interpreter_template.name)
+    for name in names:
+        controller.drain(name)
     gw = GatewayProcess(
-        cli_env, instance_dir / "gateway.log", COPPICE_POOL_TARGETS=f"python={SDK_POOL}"
+        cli_env,
+        instance_dir / "gateway.log",
+        COPPICE_POOL_TARGETS=f"{names[0]}={SDK_POOL},{names[1]}={CODE_POOL}",
     ).start()
     try:
-        with sdk_pointed_at(gw), sdk_default_template(template.name):
+        with sdk_pointed_at(gw):
             yield gw
     finally:
-        controller.drain(template.name)
+        for name in names:
+            controller.drain(name)

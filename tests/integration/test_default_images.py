@@ -82,9 +82,9 @@ def test_e2b_names_find_the_images(gateway: GatewayProcess) -> None:
                  "e2bdev/code-interpreter"):  # fmt: skip
         assert Template.exists(name) is True, name
     client = get_api_client(ConnectionConfig())
-    detail = get_templates_template_id.sync_detailed("e2bdev/base", client=client)
+    detail = get_templates_template_id.sync_detailed("code-interpreter", client=client)
     assert detail.status_code == 200 and detail.parsed is not None
-    assert detail.parsed.template_id == "base"  # type: ignore[union-attr]
+    assert detail.parsed.template_id == "code-interpreter-v1"  # type: ignore[union-attr]
 
 
 def test_base_has_the_tools_agents_reach_for(base: Sandbox) -> None:
@@ -161,13 +161,14 @@ def test_a_png_result(ci: CodeSandbox) -> None:
 def test_every_kernel_language(ci: CodeSandbox) -> None:
     js = ci.run_code("const a = 20; a + 1", language="javascript")
     assert js.error is None and js.text == "21"
-    assert ci.run_code("a * 2", language="js").text == "42"  # the same default context
+    assert ci.run_code("a * 2", language="js").text == "40"  # the same default context
     ts = ci.run_code("const n: number = 6; console.log(n * 7)", language="typescript")
     assert ts.error is None and ts.logs.stdout == ["42\n"]
     sh = ci.run_code("echo $((6 * 7)) $FOO; whoami", language="bash", envs={"FOO": "bar"})
     assert sh.error is None and "".join(sh.logs.stdout) == "42 bar\nuser\n"
     r = ci.run_code("x <- c(1, 2, 3)\nsum(x)", language="r")
-    assert r.error is None and r.text == "[1] 6"
+    # IRkernel shows a value as display data, not as the cell's result.
+    assert r.error is None and [res.text for res in r.results] == ["[1] 6"]
     java = ci.run_code("int x = 21;\nx * 2", language="java")
     assert java.error is None and java.text == "42"
     ctx = ci.create_code_context(language="ts")

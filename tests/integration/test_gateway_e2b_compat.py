@@ -90,9 +90,7 @@ def test_list_is_newest_first_and_filters_like_e2b(gateway: GatewayProcess) -> N
         ).next_items()
         assert {s.sandbox_id for s in since} == {made[1].sandbox_id, made[2].sandbox_id}
 
-        by_template = Sandbox.list(
-            query=SandboxQuery(metadata={"suite": "order"}, template="python")
-        )
+        by_template = Sandbox.list(query=SandboxQuery(metadata={"suite": "order"}, template="base"))
         assert len(by_template.next_items()) == 3
         nothing = Sandbox.list(query=SandboxQuery(metadata={"suite": "order"}, template="nosuch"))
         assert nothing.next_items() == []
@@ -354,17 +352,17 @@ def _api() -> object:
 
 def test_templates_are_served_from_the_catalog(gateway: GatewayProcess) -> None:
     # (Aliases, e2bdev/base and friends, in test_default_images.py.)
-    assert Template.exists("python") is True
+    assert Template.exists("base") is True
     assert Template.exists("no-such-template") is False
 
     client = _api()
     listed = get_v2_templates.sync_detailed(client=client)  # type: ignore[arg-type]
     assert listed.status_code == 200 and listed.parsed is not None
     names = {n for t in listed.parsed for n in t.names}  # type: ignore[union-attr]
-    assert "python" in names
-    detail = get_templates_template_id.sync_detailed("python", client=client)  # type: ignore[arg-type]
+    assert "base" in names
+    detail = get_templates_template_id.sync_detailed("base", client=client)  # type: ignore[arg-type]
     assert detail.status_code == 200 and detail.parsed is not None
-    assert detail.parsed.template_id == "python"  # type: ignore[union-attr]
+    assert detail.parsed.template_id == "base"  # type: ignore[union-attr]
     assert [b.status.value for b in detail.parsed.builds] == ["ready"]  # type: ignore[union-attr]
     missing = get_templates_template_id.sync_detailed("nosuch", client=client)  # type: ignore[arg-type]
     assert missing.status_code == 404

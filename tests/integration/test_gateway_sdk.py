@@ -296,9 +296,9 @@ def test_bad_requests_get_clear_errors(gateway: GatewayProcess) -> None:
     r = httpx.post(f"{gateway.url}/v2/sandboxes", headers=h, content=b"{nope")
     assert r.status_code == 400 and "not valid JSON" in r.json()["message"]
     r = httpx.post(f"{gateway.url}/v2/sandboxes", headers=h, json={"templateID": "nosuch"})
-    assert r.status_code == 404 and "python" in r.json()["message"]  # names what there is
+    assert r.status_code == 404 and "base" in r.json()["message"]  # names what there is
     r = httpx.post(
-        f"{gateway.url}/v2/sandboxes", headers=h, json={"templateID": "python", "timeout": -1}
+        f"{gateway.url}/v2/sandboxes", headers=h, json={"templateID": "base", "timeout": -1}
     )
     assert r.status_code == 400 and "timeout" in r.json()["message"]
     sbx = Sandbox.create()
@@ -362,11 +362,11 @@ def test_empty_pool_without_cold_start_is_429_not_a_hang(
     instance_dir: Path,
 ) -> None:
     gateway.stop()
-    controller.drain("python")
+    controller.drain("base")
     strict = GatewayProcess(
         cli_env,
         instance_dir / "gateway-strict.log",
-        COPPICE_POOL_TARGETS="python=0",
+        COPPICE_POOL_TARGETS="base=0",
         COPPICE_COLD_START="false",
     ).start()
     try:
@@ -374,14 +374,14 @@ def test_empty_pool_without_cold_start_is_429_not_a_hang(
         answer = httpx.post(
             f"{strict.url}/v2/sandboxes",
             headers={"X-API-Key": API_KEY},
-            json={"templateID": "python", "metadata": {}, "envVars": {}},
+            json={"templateID": "base", "metadata": {}, "envVars": {}},
         )
         assert answer.status_code == 429
         assert int(answer.headers["retry-after"]) >= 1
         assert "warm more" in answer.json()["message"]
         assert time.monotonic() - started < 5
         with pytest.raises(RateLimitException):
-            Sandbox.create(template="python", api_url=strict.url, sandbox_url=strict.url)
+            Sandbox.create(template="base", api_url=strict.url, sandbox_url=strict.url)
     finally:
         strict.stop()
         gateway.start()

@@ -21,6 +21,7 @@ from e2b import (
 )
 from e2b.template.logger import LogEntry
 
+from coppice.images.builder import TemplateBuilder
 from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
 
@@ -30,6 +31,10 @@ from .gateway_process import GatewayProcess, sdk_pointed_at
 pytestmark = pytest.mark.integration
 
 
+BUILT = ("sdk-every-step", "sdk-ready-url", "sdk-ready-process", "sdk-ready-file",
+         "sdk-ready-timeout", "sdk-failing")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def builds_gateway(
     cli_env: dict[str, str],
@@ -37,8 +42,8 @@ def builds_gateway(
     controller: PoolController,
     instance_dir: Path,
 ) -> Iterator[GatewayProcess]:
-    """`coppice serve` with a warm pool of whatever the tests build (pools come from the
-    templates' own targets; the `base` pool keeps the tests' other sandboxes quick)."""
+    """`coppice serve` with a warm `base` pool; templates built through the API get a warm
+    entry of their own (`built_template_pool_target`)."""
     gw = GatewayProcess(
         cli_env, instance_dir / "gateway-builds.log", COPPICE_POOL_TARGETS=f"base={SDK_POOL}"
     ).start()
@@ -46,9 +51,13 @@ def builds_gateway(
         with sdk_pointed_at(gw):
             yield gw
     finally:
-        for name in ("sdk-every-step", "sdk-ready-url", "sdk-ready-process", "sdk-ready-file",
-                     "sdk-ready-timeout", "sdk-failing", "base"):  # fmt: skip
+        gw.stop()
+        # Templates built through the API keep a warm entry in every later gateway.
+        for name in BUILT:
             controller.drain(name)
+            if any(t.name == name for t in controller.store.list_templates()):
+                TemplateBuilder(controller.settings, controller.store).remove(name)
+        controller.drain("base")
 
 
 @pytest.fixture()

@@ -53,6 +53,9 @@ def test_bases() -> None:
         assert tool in BASE_PACKAGES
     assert len(BASE_PACKAGES) == len(set(BASE_PACKAGES))
     assert RECIPES["code-interpreter-v1"].base == FromTemplate("base")
+    # Six kernels at once do not fit the default 512 MiB; E2B gives this template 1 GiB.
+    limits = RECIPES["code-interpreter-v1"].limits
+    assert limits is not None and limits.memory_mb == 1024
 
 
 def test_build_steps_run_as_root_but_the_last_check() -> None:

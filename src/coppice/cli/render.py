@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -53,14 +54,14 @@ class RichProgress:
         if self._task is not None:
             self._bar.update(self._task, completed=self._bar.tasks[-1].total or 0)
             self._bar.stop_task(self._task)
-        self._task = self._bar.add_task(name, total=total, detail="")
+        self._task = self._bar.add_task(escape(name), total=total, detail="")
 
     def advance(self, detail: str = "", step: int = 1) -> None:
         if self._task is not None:
-            self._bar.update(self._task, advance=step, detail=detail[:60])
+            self._bar.update(self._task, advance=step, detail=escape(detail[:60]))
 
     def note(self, message: str) -> None:
-        self._bar.console.print(message)
+        self._bar.console.print(message, markup=False, highlight=False)
 
     def log(self, message: str, level: str = "info", step: str | None = None) -> None:
         style = "red" if level == "error" else "dim"

@@ -29,7 +29,7 @@ from coppice.progress import Progress
 from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
 
-BASE_VERSION = "3"
+BASE_VERSION = "4"
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,12 @@ class BaseResolver:
                 work, lid = self.layers.new_layer(key)
                 try:
                     self._debootstrap(base, work)
+                    # Downloaded .debs and package lists would weigh on every layer above
+                    # (the host keeps its own .deb cache for the next debootstrap).
+                    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+                        for path in (work / junk).glob("*"):
+                            if path.is_file():
+                                path.unlink()
                     self.progress.stage("shifting owners into the jail id range")
                     shift_ownership(work, self.settings.jail_uid_base)
                     self.layers.commit(work, lid)

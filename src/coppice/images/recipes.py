@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from coppice.config import Limits
 from coppice.errors import UnknownRecipe
 from coppice.images.build_files import hash_context_files
 from coppice.images.spec import FromDebian, FromTemplate, Step, TemplateSpec
@@ -219,6 +220,10 @@ RECIPES: dict[str, TemplateSpec] = {
         base=FromTemplate("base"),
         steps=CODE_INTERPRETER_STEPS,
         substrate="jail",
+        # E2B's own size for this template: a Python kernel with pandas and matplotlib plus
+        # the TypeScript compiler alone fill the default 512 MiB, and the next kernel (Java's
+        # two JVMs) is killed for memory.
+        limits=Limits(memory_mb=1024),
         # What e2b_code_interpreter's Sandbox.create() asks for is the name itself.
         aliases=("code-interpreter", "e2bdev/code-interpreter"),
         description=(
