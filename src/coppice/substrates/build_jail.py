@@ -27,9 +27,8 @@ from coppice.net.build_link import BuildNetwork
 from coppice.progress import Progress
 from coppice.store.store import Store
 from coppice.substrates import cgroups, seccomp
-from coppice.substrates.jail import CAPABILITIES, ensure_subordinate_ids
+from coppice.substrates.jail import DEFAULT_PATH, ensure_subordinate_ids, isolation_argv
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: runs as the sandbox's root; drops to the step's user with the image's own tools
 AS_USER = (
     'if [ "$1" = 0 ]; then shift 4; exec /bin/sh -c "$1"; fi; '
@@ -100,12 +99,11 @@ class BuildJail:
         """Run `command` with /bin/sh in the image at `root`; returns its exit status and
         its last lines of output. `binds`: host directories shown read-only at a path under
         /run (a tmpfs, so nothing of them lands in the layer)."""
-        argv = self._argv(root, command, user, workdir, env, binds)
         filter_path = seccomp.ensure_filter_file(self.settings.run_dir)
         filter_fd = os.open(filter_path, os.O_RDONLY)
         tail: collections.deque[str] = collections.deque(maxlen=30)
         try:
-            argv = [a.replace("{seccomp_fd}", str(filter_fd)) for a in argv]
+            argv = self._argv(root, command, user, workdir, env, binds, filter_fd)
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -175,17 +173,14 @@ class BuildJail:
         workdir: str,
         env: Mapping[str, str],
         binds: Sequence[tuple[Path, str]],
+        seccomp_fd: int,
     ) -> list[str]:
         s = self.settings
-        ids = f"{s.jail_uid_base},0,{s.jail_uid_count}"
         prefix: list[str] = []
         net: list[str] = ["--unshare-net"]
         if self.network is not None:
             prefix = ["nsenter", f"--net={self.network.netns_path}", "--"]
             net = []
-        caps: list[str] = []
-        for cap in CAPABILITIES:
-            caps += ["--cap-add", cap]
         binds_argv: list[str] = []
         for host, inside in [*self._source_binds(), *binds]:
             binds_argv += ["--ro-bind", str(host), inside]
@@ -203,62 +198,20 @@ class BuildJail:
             env_argv += ["--setenv", k, v]
         return [
             *prefix,
-            "sh",
-            "-c",
-            JOIN_CGROUPS,
-            "sh",
+            "sh", "-c", JOIN_CGROUPS, "sh",
             *(str(p) for p in self._cgroups.join_files(self.name)),
             "--",
-            "unshare",
-            "--user",
-            f"--map-users={ids}",
-            f"--map-groups={ids}",
-            "--setuid",
-            "0",
-            "--setgid",
-            "0",
+            *isolation_argv(
+                s,
+                root,
+                "coppice-build",
+                seccomp_fd,
+                [*binds_argv, *net, "--die-with-parent", *env_argv, "--chdir", workdir],
+            ),
             "--",
-            "bwrap",
-            "--bind",
-            str(root),
-            "/",
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--tmpfs",
-            "/dev/shm",
-            "--tmpfs",
-            "/run",
-            *binds_argv,
-            *net,
-            "--unshare-pid",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--hostname",
-            "coppice-build",
-            "--die-with-parent",
-            "--new-session",
-            "--cap-drop",
-            "ALL",
-            *caps,
-            "--seccomp",
-            "{seccomp_fd}",
-            "--clearenv",
-            *env_argv,
-            "--chdir",
-            workdir,
-            "--",
-            "/bin/sh",
-            "-c",
-            AS_USER,
-            "sh",
-            str(user.uid),
-            str(user.gid),
-            user.name,
-            user.home,
-            command,
-        ]
+            "/bin/sh", "-c", AS_USER, "sh",
+            str(user.uid), str(user.gid), user.name, user.home, command,
+        ]  # fmt: skip
 
 
 def build_sandboxes(settings: Settings) -> SandboxFactory:

@@ -21,6 +21,7 @@ import errno
 import functools
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from coppice.config import NetworkSettings, Settings
@@ -43,6 +44,7 @@ from coppice.substrates.prerequisites import require_root, require_tools
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
 INIT_PATH = "/usr/lib/coppice/init"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 REQUIRED_TOOLS = {
     "bwrap": "bubblewrap",
     "nsenter": "util-linux",
@@ -202,10 +204,6 @@ class JailSubstrate:
 
     def _argv(self, spec: SpawnSpec, merged: Path, filter_fd: int) -> list[str]:
         s = self.settings
-        ids = f"{s.jail_uid_base},0,{s.jail_uid_count}"
-        caps: list[str] = []
-        for cap in CAPABILITIES:
-            caps += ["--cap-add", cap]
         return [
             "nsenter",
             f"--net={self.link.netns_path(spec.entry_id)}",
@@ -216,51 +214,20 @@ class JailSubstrate:
             "sh",
             *(str(p) for p in self.cgroups.join_files(spec.entry_id)),
             "--",
-            "unshare",
-            "--user",
-            f"--map-users={ids}",
-            f"--map-groups={ids}",
-            "--setuid",
-            "0",
-            "--setgid",
-            "0",
-            "--",
-            "bwrap",
-            "--bind",
-            str(merged),
-            "/",
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--tmpfs",
-            "/dev/shm",
-            "--tmpfs",
-            "/run",
-            "--unshare-pid",
-            "--unshare-ipc",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-            "--hostname",
-            spec.hostname,
-            "--new-session",
-            "--cap-drop",
-            "ALL",
-            *caps,
-            "--seccomp",
-            str(filter_fd),
-            "--clearenv",
-            "--setenv",
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "--setenv",
-            "HOME",
-            "/root",
-            "--chdir",
-            "/root",
+            *isolation_argv(
+                s,
+                merged,
+                spec.hostname,
+                filter_fd,
+                [
+                    "--setenv", "PATH", DEFAULT_PATH,
+                    "--setenv", "HOME", "/root",
+                    "--chdir", "/root",
+                ],
+            ),
             "--",
             INIT_PATH,
-        ]
+        ]  # fmt: skip
 
     def _inject_identity(self, root: Path, spec: SpawnSpec) -> None:
         """Per-entry identity goes into the entry's upper layer, never into the template."""
@@ -363,6 +330,37 @@ class JailSubstrate:
                 "mounts": mounted,
             }
         )
+
+
+def isolation_argv(
+    settings: Settings, root: Path, hostname: str, seccomp_fd: int, extra: Sequence[str]
+) -> list[str]:
+    """What a jail is, as a command prefix: a user namespace mapping root to the jail id
+    range (unshare + newuidmap), then bwrap over `root` with its own mount, pid, ipc, uts
+    and cgroup namespaces, the jail's capabilities, its seccomp filter (an inherited fd) and
+    an empty environment. `extra`: more bwrap options (binds, env, cwd) before the command,
+    which follows after "--". Build steps run in the same jail as sandboxes do."""
+    ids = f"{settings.jail_uid_base},0,{settings.jail_uid_count}"
+    caps: list[str] = []
+    for cap in CAPABILITIES:
+        caps += ["--cap-add", cap]
+    return [
+        "unshare", "--user", f"--map-users={ids}", f"--map-groups={ids}",
+        "--setuid", "0", "--setgid", "0", "--",
+        "bwrap",
+        "--bind", str(root), "/",
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--tmpfs", "/dev/shm",
+        "--tmpfs", "/run",
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--hostname", hostname,
+        "--new-session",
+        "--cap-drop", "ALL", *caps,
+        "--seccomp", str(seccomp_fd),
+        "--clearenv",
+        *extra,
+    ]  # fmt: skip
 
 
 def ensure_subordinate_ids(settings: Settings) -> None:
