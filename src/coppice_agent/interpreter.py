@@ -96,18 +96,49 @@ class Interpreter:
         self._lifecycle = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = asyncio.Event()
+        #: why run_code cannot work here (no ipykernel in the image), once start() knows
+        self.missing_kernel: str | None = None
         env.on_init(self._on_env_init)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._prepare_runtime_dir()
-        await self.default_context()
+        self.missing_kernel = await self._python_kernel_missing()
+        if self.missing_kernel is not None:
+            # Commands and files still work: a template of any image is a sandbox, and only
+            # its run_code calls fail, saying what to install.
+            log.warning("%s; run_code will answer with this", self.missing_kernel)
+        else:
+            await self.default_context()
         self._started.set()
+
+    async def _python_kernel_missing(self) -> str | None:
+        """Why this image cannot run the default Python kernel, or None if it can."""
+        try:
+            home = self._env.user().home
+        except UnknownUser:
+            home = None
+        if PYTHON in self._kernels.kernels(home):
+            return None
+        probe = await asyncio.create_subprocess_exec(
+            self._kernel_argv[0], "-c", "import ipykernel_launcher",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        if await probe.wait() == 0:
+            return None
+        return (
+            f"this sandbox's {self._kernel_argv[0]} has no ipykernel, so it has no Python "
+            "kernel for run_code; install it in the template (pip install ipykernel, or "
+            "apt-get install python3-ipykernel)"
+        )
 
     @property
     def is_ready(self) -> bool:
-        """True once the default context's kernel is up, connected and warmed up."""
+        """True once the default context's kernel is up, connected and warmed up (or the
+        image has no Python kernel to start)."""
+        if self.missing_kernel is not None:
+            return True
         ctx = self._contexts.get(self._default_ids.get(PYTHON, ""))
         return ctx is not None and ctx.kernel.usable
 
@@ -210,6 +241,8 @@ class Interpreter:
     async def _new_context(
         self, cwd: str | None, language: str, spec: LanguageKernel | None
     ) -> CodeContext:
+        if language == PYTHON and spec is None and self.missing_kernel is not None:
+            raise BadContextRequest(self.missing_kernel)
         user = self._user()
         workdir = cwd if cwd is not None else default_cwd(self._env, user)
         if not Path(workdir).is_dir():

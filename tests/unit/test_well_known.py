@@ -37,8 +37,11 @@ def test_debian_bookworm_names(prefix: str, tag: str) -> None:
     assert well_known_base(f"{prefix}debian{tag}") == DEBIAN
 
 
-def test_debian_base_is_minbase_with_ca_certificates() -> None:
-    assert DEBIAN_PACKAGES == ("ca-certificates",)
+def test_debian_base_is_minbase_with_ca_certificates_and_the_sandbox_runtime() -> None:
+    # The agent runs on the image's python3 and sandboxes serve SSH: a bare `FROM debian`
+    # must still become a sandbox.
+    assert set(DEBIAN_PACKAGES) == {"ca-certificates", "python3", "openssh-server",
+                                    "iproute2", "procps"}  # fmt: skip
 
 
 @pytest.mark.parametrize("ref", ["debian:bullseye", "debian:11", "debian:trixie", "debian:sid"])
@@ -67,6 +70,9 @@ def test_python_3_11_names(prefix: str, tag: str) -> None:
 def test_python_base_packages() -> None:
     assert set(PYTHON_PACKAGES) == {
         "python3",
+        "openssh-server",
+        "iproute2",
+        "procps",
         "python3-pip",
         "python3-venv",
         "python-is-python3",

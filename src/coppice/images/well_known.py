@@ -17,12 +17,15 @@ from coppice.images.spec import FromDebian, FromTemplate
 SUITE = "bookworm"
 #: the Python that bookworm ships, and so the only one its bases have
 DEBIAN_PYTHON = "3.11"
+#: what every sandbox runs whatever its image: the in-sandbox agent's Python (3.11) and
+#: sshd. E2B puts its own agent into every image too; these are Coppice's.
+SANDBOX_RUNTIME = ("python3", "openssh-server", "iproute2", "procps")
 #: on top of debootstrap's minbase: what a `debian` image has that minbase lacks and
-#: almost every build needs (HTTPS to anything)
-DEBIAN_PACKAGES = ("ca-certificates",)
+#: almost every build needs (HTTPS to anything), and the sandbox runtime
+DEBIAN_PACKAGES = ("ca-certificates", *SANDBOX_RUNTIME)
 #: what the `python` images give: pip, venv and `python` as well as `python3`
 PYTHON_PACKAGES = (
-    "python3",
+    *SANDBOX_RUNTIME,
     "python3-pip",
     "python3-venv",
     "python-is-python3",
