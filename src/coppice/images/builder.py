@@ -288,12 +288,14 @@ class TemplateBuilder:
         staging.mkdir(parents=True)
         try:
             finish = FinishLayer(self.settings, self.progress)
+            agent = finish.agent_layer(self.layers)
             finish.stage(staging, image.config, start, public_key, spec.name)
             step = Step("RUN", ("finalize", "root"))
             planned = PlannedStep("finalize", step, final_key, False)
+            with_agent = Manifest(image.key, (*image.layers, agent), image.config)
             with self._sandbox(spec, with_network=False) as sandbox:
                 runner = StepRunner(self.settings, self.layers, sandbox, None, self.progress)
-                made = runner.run_script(image, planned, FINISH_SCRIPT, [(staging, STAGED)])
+                made = runner.run_script(with_agent, planned, FINISH_SCRIPT, [(staging, STAGED)])
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         final = Manifest(final_key, made.layers, image.config, parent=image.key)

@@ -26,10 +26,11 @@ from coppice.config import Settings
 from coppice.errors import TemplateBuildError
 from coppice.images.file_lock import locked
 from coppice.images.idshift import shift_ownership
+from coppice.images.layers import LayerStore, Manifest
 from coppice.images.spec import ImageConfig
 from coppice.progress import Progress
 
-FINISH_VERSION = "2"
+FINISH_VERSION = "3"
 #: where the agent and its locked dependencies live inside a template; only the agent's own
 #: interpreter puts it on sys.path, so sandboxed code never imports from it by accident
 AGENT_SITE = "usr/lib/coppice/site"
@@ -44,6 +45,9 @@ GUEST_FILES = {
     # shim asks the agent's sudo broker instead, and runs the real sudo where setuid works.
     "sudo.py": ("usr/bin/sudo", 0o755),
 }
+#: what the shared agent layer holds of them (the sudo shim replaces the image's own sudo,
+#: which only a step over the image can do)
+AGENT_LAYER_FILES = ("init.sh", "agent.py", "vm-init.sh")
 SSHD_CONFIG = """\
 # Written by the Coppice template builder.
 HostKey /etc/ssh/ssh_host_ed25519_key
@@ -76,7 +80,6 @@ install openssh-server in a RUN step" >&2
   exit 92
 fi
 rm -f /etc/ssh/ssh_host_*
-rm -rf /{AGENT_SITE}
 if command -v dpkg-divert >/dev/null 2>&1; then
   dpkg-divert --quiet --local --rename --divert /usr/bin/sudo.distrib --add /usr/bin/sudo
 elif [ -e /usr/bin/sudo ] && [ ! -e /usr/bin/sudo.distrib ]; then
@@ -154,13 +157,52 @@ class FinishLayer:
         self.settings = settings
         self.progress = progress
 
+    def agent_layer(self, layers: LayerStore) -> str:
+        """The agent, its packages and the guest init scripts as a layer of their own, the
+        same for every template: it only adds files under /usr/lib/coppice, so it stacks on
+        any image, and a template's own finalize layer stays a few kilobytes."""
+        guests = {n: hashlib.sha256(_guest_file(n)).hexdigest() for n in AGENT_LAYER_FILES}
+        key = (
+            "agent-"
+            + hashlib.sha256(
+                json.dumps(
+                    [FINISH_VERSION, agent_hash(), guests, self.settings.jail_uid_base]
+                ).encode()
+            ).hexdigest()
+        )
+        with locked(layers.root / f".{key}.lock"):
+            found = layers.manifest(key)
+            if found is not None:
+                return found.layers[0]
+            site = self._agent_site()
+            work, lid = layers.new_layer(key)
+            try:
+                work.chmod(0o755)
+                shutil.copytree(site, work / AGENT_SITE, symlinks=True)
+                for guest in AGENT_LAYER_FILES:
+                    dest, mode = GUEST_FILES[guest]
+                    path = work / dest
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(_guest_file(guest))
+                    path.chmod(mode)
+                for directory in (work / "usr", work / "usr/lib", work / "usr/lib/coppice"):
+                    directory.chmod(0o755)
+                shift_ownership(work, self.settings.jail_uid_base)
+                layers.commit(work, lid)
+            except BaseException:
+                layers.discard(work)
+                raise
+            layers.put_manifest(Manifest(key, (lid,), ImageConfig()))
+        return lid
+
     def stage(
         self, into: Path, config: ImageConfig, start: StartCommand, public_key: str, name: str
     ) -> None:
-        """Lay the files out under `into` as they go under `/`, owned by the jail's root."""
-        site = self._agent_site()
-        shutil.copytree(site, into / AGENT_SITE, symlinks=True)
+        """Lay the template's own files out under `into` as they go under `/`, owned by the
+        jail's root (the agent comes in its own layer, `agent_layer`)."""
         for guest, (dest, mode) in GUEST_FILES.items():
+            if guest in AGENT_LAYER_FILES:
+                continue
             path = into / dest
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(_guest_file(guest))
