@@ -86,6 +86,7 @@ def test_every_step_type_builds_and_a_sandbox_starts_warm_from_it(
         .pip_install(["six"])
         .npm_install(["is-number"], g=True)
         .copy("site", "/srv/site/")
+        .copy("site/*.html", "pages")  # a wildcard: `pages` is a directory in the workdir
         .copy("repo.git", "/src/repo.git/")
         .git_clone("/src/repo.git", "/home/user/repo", branch="main", depth=1)
         .set_envs({"GREETING": "hi there"})
@@ -115,6 +116,7 @@ def test_every_step_type_builds_and_a_sandbox_starts_warm_from_it(
         assert run("python3 -c 'import six; print(six.__name__)'").stdout.strip() == "six"
         assert run("ls /usr/local/lib/node_modules").stdout.split().count("is-number") == 1
         assert run("cat /home/user/repo/README").stdout == "cloned\n"
+        assert run("cat /home/user/pages/index.html").stdout == "hello from the template\n"
         assert any("http.server" in " ".join([p.cmd, *p.args]) for p in sbx.commands.list())
     finally:
         sbx.kill()

@@ -78,23 +78,35 @@ class UploadedFiles:
 
 
 def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    """Regular files, directories and links that stay inside the archive, with no owner
-    taken from it. (tarfile's own `data` filter does this from Python 3.11.4 on; Debian 12
-    ships 3.11.2.)"""
+    """Regular files, directories and links, none written outside the archive's directory,
+    with no owner taken from it. A symbolic link may point anywhere (it is read inside the
+    image, never followed here), but nothing is written through one: a member below a link
+    is refused. (tarfile's `data` filter, from Python 3.11.4 on, also refuses absolute
+    links, which the SDK sends for symlinks it does not resolve; Debian 12 has 3.11.2.)"""
     safe = []
+    links: set[str] = set()
     for member in tar.getmembers():
         name = posixpath.normpath(member.name)
         if name.startswith(("/", "../")) or name == "..":
-            raise TemplateBuildError(f"the uploaded archive holds {member.name!r}, outside it")
+            raise TemplateBuildError(
+                f"the uploaded archive holds {member.name!r}, outside it"
+            )
+        parents = {"/".join(name.split("/")[:i]) for i in range(1, name.count("/") + 1)}
+        if parents & links:
+            raise TemplateBuildError(
+                f"the uploaded archive writes {member.name!r} through a symbolic link"
+            )
         if member.isdev() or member.isfifo():
-            raise TemplateBuildError(f"the uploaded archive holds a device {member.name!r}")
-        if member.issym() or member.islnk():
-            target = member.linkname
-            base = posixpath.dirname(name) if member.issym() else ""
-            resolved = posixpath.normpath(posixpath.join(base, target))
-            if target.startswith("/") or resolved.startswith("../") or resolved == "..":
+            raise TemplateBuildError(
+                f"the uploaded archive holds a device {member.name!r}"
+            )
+        if member.issym():
+            links.add(name)
+        elif member.islnk():
+            target = posixpath.normpath(member.linkname)
+            if target.startswith(("/", "../")) or target == "..":
                 raise TemplateBuildError(
-                    f"the uploaded archive's link {member.name!r} points outside it ({target})"
+                    f"the uploaded archive's hard link {member.name!r} points outside it"
                 )
         member.uid = member.gid = 0
         member.uname = member.gname = "root"

@@ -63,7 +63,9 @@ class StepRunner:
             script = _workdir_script(config.workdir, parent.config.user)
             return self._in_new_layer(parent, planned, config, script, ROOT)
         if step.kind == "RUN":
-            user_name = step.args[1] if len(step.args) > 1 and step.args[1] else config.user
+            user_name = (
+                step.args[1] if len(step.args) > 1 and step.args[1] else config.user
+            )
             return self._in_new_layer(parent, planned, config, step.args[0], user_name)
         return self._copy(parent, planned, config)
 
@@ -96,8 +98,14 @@ class StepRunner:
         target = self.mounts_dir / lid
         try:
             with self.layers.mounted(parent.layers, work, target) as root:
-                account = user if isinstance(user, Account) else lookup_account(root, user)
-                workdir = config.workdir if (root / config.workdir.lstrip("/")).is_dir() else "/"
+                account = (
+                    user if isinstance(user, Account) else lookup_account(root, user)
+                )
+                workdir = (
+                    config.workdir
+                    if (root / config.workdir.lstrip("/")).is_dir()
+                    else "/"
+                )
                 status, tail = self.sandbox.run(
                     root,
                     command,
@@ -137,7 +145,9 @@ class StepRunner:
             if target.is_dir() and not os.path.ismount(target):
                 target.rmdir()
 
-    def _copy(self, parent: Manifest, planned: PlannedStep, config: ImageConfig) -> Manifest:
+    def _copy(
+        self, parent: Manifest, planned: PlannedStep, config: ImageConfig
+    ) -> Manifest:
         step = planned.step
         # The SDK leaves `$VAR` in COPY's paths for the builder, as Docker expands them.
         env = config.env_dict()
@@ -166,7 +176,9 @@ class StepRunner:
             # Readable inside the sandbox only if owned by an id its namespace maps.
             shift_ownership(staging, self.settings.jail_uid_base)
             dest_abs = posixpath.normpath(posixpath.join(config.workdir, dest))
-            into_dir = dest.endswith("/") or len(matches) > 1
+            # A wildcard names a set of files, so dest is their directory (as E2B's own
+            # builder and BuildKit treat it), whatever it ends with.
+            into_dir = dest.endswith("/") or len(matches) > 1 or _is_glob(src)
             script = _copy_script(names, dest_abs, into_dir, owner, mode)
             return self._in_new_layer(
                 parent, planned, config, script, ROOT, binds=[(staging, STAGED)]
@@ -183,16 +195,24 @@ def expand_vars(text: str, env: dict[str, str]) -> str:
     return _VAR.sub(lambda m: env.get(m.group(1) or m.group(2), ""), text)
 
 
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
 def _matches(context: Path, src: str, number: str) -> list[Path]:
     rel = posixpath.normpath(src.lstrip("/")) if src not in (".", "./") else "."
     if rel.startswith(".."):
         raise TemplateBuildError(
             f"step {number}: COPY source {src} leaves the build context", step=number
         )
-    if any(c in rel for c in "*?["):
+    if _is_glob(rel):
         found = sorted(context.glob(rel))
     else:
-        found = [context / rel] if (context / rel).exists() or (context / rel).is_symlink() else []
+        found = (
+            [context / rel]
+            if (context / rel).exists() or (context / rel).is_symlink()
+            else []
+        )
     if not found:
         raise TemplateBuildError(
             f"step {number}: COPY source {src} is not in the build context", step=number
@@ -223,7 +243,9 @@ def _copy_script(
     for target in targets:
         if owner and owner != "root":
             # `name:` is the account's own group, as Docker's --chown=name gives.
-            lines.append(f"chown -R {q(owner if ':' in owner else owner + ':')} {target}")
+            lines.append(
+                f"chown -R {q(owner if ':' in owner else owner + ':')} {target}"
+            )
         if mode:
             lines.append(f"chmod {q(mode)} {target}")
     return "\n".join(lines)
