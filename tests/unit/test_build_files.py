@@ -26,14 +26,10 @@ def _file(name: str, data: bytes, mode: int = 0o644) -> tuple[tarfile.TarInfo, b
 
 def test_an_archive_unpacks_once_with_its_files(tmp_path: Path) -> None:
     files = UploadedFiles(tmp_path)
-    _archive(
-        files.archive_path("a" * 16), [_file("app/main.py", b"print(1)\n", 0o4755)]
-    )
+    _archive(files.archive_path("a" * 16), [_file("app/main.py", b"print(1)\n", 0o4755)])
     root = files.root_for("a" * 16)
     assert (root / "app/main.py").read_text() == "print(1)\n"
-    assert (
-        root / "app/main.py"
-    ).stat().st_mode & 0o7777 == 0o755  # no setuid from uploads
+    assert (root / "app/main.py").stat().st_mode & 0o7777 == 0o755  # no setuid from uploads
     assert files.root_for("a" * 16) == root
 
 

@@ -57,6 +57,7 @@ def test_no_base_means_e2bs_default_image_and_a_template_base_is_kept() -> None:
         ({"steps": [{"type": "RUN", "args": [" "]}]}, "at least 1"),
         ({"fromImage": "a", "fromTemplate": "b"}, "not both"),
         ({"mystery": 1}, "unknown build field"),
+        ({"substrate": "bhyve"}, "not one Coppice builds for"),
     ],
 )
 def test_bad_bodies_are_refused_with_what_is_wrong(body: dict[str, object], words: str) -> None:
@@ -122,3 +123,8 @@ def test_copy_paths_expand_the_images_variables_as_docker_does() -> None:
     env = {"APP_HOME": "/app", "V": "2"}
     assert expand_vars("$APP_HOME/", env) == "/app/"
     assert expand_vars("${APP_HOME}/v$V/$UNSET", env) == "/app/v2/"
+
+
+def test_a_vm_template_serves_from_its_pool_only() -> None:
+    assert spec_from_e2b("t", {"substrate": "vm"}).cold_start is False
+    assert spec_from_e2b("t", {}).cold_start is True

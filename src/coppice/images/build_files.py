@@ -88,18 +88,14 @@ def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
     for member in tar.getmembers():
         name = posixpath.normpath(member.name)
         if name.startswith(("/", "../")) or name == "..":
-            raise TemplateBuildError(
-                f"the uploaded archive holds {member.name!r}, outside it"
-            )
+            raise TemplateBuildError(f"the uploaded archive holds {member.name!r}, outside it")
         parents = {"/".join(name.split("/")[:i]) for i in range(1, name.count("/") + 1)}
         if parents & links:
             raise TemplateBuildError(
                 f"the uploaded archive writes {member.name!r} through a symbolic link"
             )
         if member.isdev() or member.isfifo():
-            raise TemplateBuildError(
-                f"the uploaded archive holds a device {member.name!r}"
-            )
+            raise TemplateBuildError(f"the uploaded archive holds a device {member.name!r}")
         if member.issym():
             links.add(name)
         elif member.islnk():

@@ -22,6 +22,8 @@ from coppice.errors import InvalidRequest, NotSupportedYet
 
 StepKind = Literal["RUN", "COPY", "ENV", "WORKDIR", "USER"]
 STEP_KINDS: tuple[StepKind, ...] = ("RUN", "COPY", "ENV", "WORKDIR", "USER")
+#: what a template can run on (the substrates' registry lives above this layer)
+BUILDABLE_SUBSTRATES = ("jail", "vm")
 #: E2B's defaults for steps and sandboxes (not Docker's root in /)
 DEFAULT_USER = "user"
 DEFAULT_WORKDIR = "/home/user"
@@ -215,8 +217,11 @@ def spec_from_e2b(
         if value is not None and not isinstance(value, str):
             raise InvalidRequest(f"{label} must be a string")
     chosen = body.get("substrate", substrate)
-    if not isinstance(chosen, str):
-        raise InvalidRequest("substrate must be a string")
+    if chosen not in BUILDABLE_SUBSTRATES:
+        raise InvalidRequest(
+            f"substrate {chosen!r} is not one Coppice builds for; give one of "
+            f"{', '.join(BUILDABLE_SUBSTRATES)}"
+        )
     return TemplateSpec(
         name=name,
         base=base,
@@ -225,6 +230,9 @@ def spec_from_e2b(
         ready_cmd=ready_cmd or None,
         substrate=chosen,
         limits=limits,
+        # As the built-in vm template: a VM that is not in the pool boots for seconds
+        # (minutes under TCG), so an empty pool answers 429 rather than hang a create.
+        cold_start=chosen != "vm",
         force=bool(body.get("force", False)),
     )
 

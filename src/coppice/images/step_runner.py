@@ -63,9 +63,7 @@ class StepRunner:
             script = _workdir_script(config.workdir, parent.config.user)
             return self._in_new_layer(parent, planned, config, script, ROOT)
         if step.kind == "RUN":
-            user_name = (
-                step.args[1] if len(step.args) > 1 and step.args[1] else config.user
-            )
+            user_name = step.args[1] if len(step.args) > 1 and step.args[1] else config.user
             return self._in_new_layer(parent, planned, config, step.args[0], user_name)
         return self._copy(parent, planned, config)
 
@@ -98,14 +96,8 @@ class StepRunner:
         target = self.mounts_dir / lid
         try:
             with self.layers.mounted(parent.layers, work, target) as root:
-                account = (
-                    user if isinstance(user, Account) else lookup_account(root, user)
-                )
-                workdir = (
-                    config.workdir
-                    if (root / config.workdir.lstrip("/")).is_dir()
-                    else "/"
-                )
+                account = user if isinstance(user, Account) else lookup_account(root, user)
+                workdir = config.workdir if (root / config.workdir.lstrip("/")).is_dir() else "/"
                 status, tail = self.sandbox.run(
                     root,
                     command,
@@ -145,9 +137,7 @@ class StepRunner:
             if target.is_dir() and not os.path.ismount(target):
                 target.rmdir()
 
-    def _copy(
-        self, parent: Manifest, planned: PlannedStep, config: ImageConfig
-    ) -> Manifest:
+    def _copy(self, parent: Manifest, planned: PlannedStep, config: ImageConfig) -> Manifest:
         step = planned.step
         # The SDK leaves `$VAR` in COPY's paths for the builder, as Docker expands them.
         env = config.env_dict()
@@ -208,11 +198,7 @@ def _matches(context: Path, src: str, number: str) -> list[Path]:
     if _is_glob(rel):
         found = sorted(context.glob(rel))
     else:
-        found = (
-            [context / rel]
-            if (context / rel).exists() or (context / rel).is_symlink()
-            else []
-        )
+        found = [context / rel] if (context / rel).exists() or (context / rel).is_symlink() else []
     if not found:
         raise TemplateBuildError(
             f"step {number}: COPY source {src} is not in the build context", step=number
@@ -243,9 +229,7 @@ def _copy_script(
     for target in targets:
         if owner and owner != "root":
             # `name:` is the account's own group, as Docker's --chown=name gives.
-            lines.append(
-                f"chown -R {q(owner if ':' in owner else owner + ':')} {target}"
-            )
+            lines.append(f"chown -R {q(owner if ':' in owner else owner + ':')} {target}")
         if mode:
             lines.append(f"chmod {q(mode)} {target}")
     return "\n".join(lines)
