@@ -8,6 +8,7 @@ auth failures and unknown sandboxes.
 from __future__ import annotations
 
 import base64
+import datetime
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -385,3 +386,30 @@ def test_empty_pool_without_cold_start_is_429_not_a_hang(
     finally:
         strict.stop()
         gateway.start()
+
+
+def test_metrics_are_the_sandboxs_own_cgroup_and_disk(gateway: GatewayProcess) -> None:
+    mib = 1 << 20
+    sbx = Sandbox.create(timeout=120)
+    try:
+        sbx.commands.run(
+            "head -c 50000000 /dev/urandom > /tmp/blob; timeout 2 sh -c 'while :; do :; done'"
+            " || true"
+        )
+        found = sbx.get_metrics()
+        assert found, "no metrics for a running sandbox"
+        last = found[-1]
+        assert last.mem_total == 512 * mib and 0 < last.mem_used <= last.mem_total
+        assert last.disk_total == 1024 * mib and last.disk_used >= 50_000_000
+        assert last.cpu_count == 1 and last.cpu_used_pct > 0
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+        assert Sandbox.get_metrics(sbx.sandbox_id, start=later) == []
+        batch = httpx.get(
+            f"{gateway.url}/sandboxes/metrics",
+            params={"sandbox_ids": f"{sbx.sandbox_id},nosuchsandbox"},
+            headers={"X-API-Key": API_KEY},
+        ).json()
+        assert list(batch["sandboxes"]) == [sbx.sandbox_id]
+        assert batch["sandboxes"][sbx.sandbox_id]["memTotal"] == 512 * mib
+    finally:
+        sbx.kill()

@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -25,6 +26,7 @@ from coppice.errors import (
     CoppiceError,
     GuestUnresponsive,
     InvalidRequest,
+    SandboxNotFound,
     SandboxUnreachable,
     SubstrateError,
     Unauthorized,
@@ -49,6 +51,7 @@ from coppice.gateway.sandbox_logs import (
     parse_log_query,
     select,
 )
+from coppice.gateway.sandbox_metrics import SandboxMetrics, metric_json
 from coppice.gateway.sandboxes import SandboxService
 from coppice.gateway.signed_urls import is_presigned_files_request, signed_for
 from coppice.gateway.template_builds import BuildFunction, BuildService
@@ -70,6 +73,7 @@ from coppice.images.spec import TemplateSpec
 from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
 from coppice.progress import Progress
+from coppice.resource_usage import Metric
 from coppice.store.records import HandedOut, TemplateRecord
 from coppice.store.store import Store
 from coppice.substrates.base import AGENT_PORT
@@ -239,11 +243,56 @@ async def connect(request: Request) -> Response:
     return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=status)
 
 
+def _unix_param(params: dict[str, str], name: str) -> float | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise InvalidRequest(f"{name} must be a unix time in seconds, not {raw!r}")
+    return float(raw)
+
+
+def _metrics_of(
+    gw: Gateway, handed: HandedOut, start: float | None, end: float | None
+) -> list[Metric]:
+    cpus = gw.service.limits(handed.entry.template).cpus
+    return gw.metrics.of(handed, cpus, start, end)
+
+
 async def metrics(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.READ)
-    await gw.quick(gw.service.get, who, request.path_params["sandbox_id"])
-    return JSONResponse([])
+    params = dict(request.query_params)
+    start, end = _unix_param(params, "start"), _unix_param(params, "end")
+    handed = await gw.quick(gw.service.get, who, request.path_params["sandbox_id"])
+    found = await gw.quick(_metrics_of, gw, handed, start, end)
+    return JSONResponse([metric_json(m) for m in found])
+
+
+async def batch_metrics(request: Request) -> Response:
+    """The latest metric of each named sandbox the caller can see (E2B's
+    `GET /sandboxes/metrics?sandbox_ids=a,b`); unknown ids are left out, as E2B does."""
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.READ)
+    ids = [i for i in request.query_params.get("sandbox_ids", "").split(",") if i]
+    if not ids:
+        raise InvalidRequest("sandbox_ids is required: a comma-separated list of sandbox ids")
+    if len(ids) > 100:
+        raise InvalidRequest(f"sandbox_ids lists {len(ids)} sandboxes; at most 100 at once")
+
+    def latest() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for sandbox_id in dict.fromkeys(ids):
+            try:
+                handed = gw.service.get(who, sandbox_id)
+            except SandboxNotFound:
+                continue
+            found = _metrics_of(gw, handed, None, None)
+            if found:
+                out[sandbox_id] = metric_json(found[-1])
+        return out
+
+    return JSONResponse({"sandboxes": await gw.quick(latest)})
 
 
 async def sandbox_logs(request: Request) -> Response:
@@ -295,6 +344,7 @@ ROUTES = [
     Route("/sandboxes", create_sandbox, methods=["POST"]),
     Route("/v2/sandboxes", list_sandboxes, methods=["GET"]),
     Route("/sandboxes", list_sandboxes_v1, methods=["GET"]),
+    Route("/sandboxes/metrics", batch_metrics, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}", get_sandbox, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}", kill_sandbox, methods=["DELETE"]),
     Route("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"]),
@@ -430,7 +480,13 @@ def build_gateway(
     unless a test gives its own)."""
     keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
     controller.respawn = False  # the keeper refills pools in the background
-    keeper = PoolKeeper(controller, settings.pool_target_map(), notices=SandboxNotices())
+    sandbox_metrics = SandboxMetrics(controller)
+    keeper = PoolKeeper(
+        controller,
+        settings.pool_target_map(),
+        notices=SandboxNotices(),
+        on_tick=sandbox_metrics.sample_if_due,
+    )
     catalog = TemplateCatalog(controller.store, settings.limits)
     service = SandboxService(settings, controller, keeper, catalog)
     directory = SandboxDirectory(controller.store.get_sandbox)
@@ -443,7 +499,17 @@ def build_gateway(
     )
     templates = TemplateService(settings, controller, keeper, catalog, builds)
     return GatewayApp(
-        Gateway(settings, controller, keys, keeper, service, SandboxProxy(), directory, templates)
+        Gateway(
+            settings,
+            controller,
+            keys,
+            keeper,
+            service,
+            SandboxProxy(),
+            directory,
+            templates,
+            sandbox_metrics,
+        )
     )
 
 

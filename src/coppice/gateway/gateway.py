@@ -14,6 +14,7 @@ from coppice.errors import SandboxUnreachable
 from coppice.gateway.auth import KeyRing
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.proxy import SandboxDirectory, SandboxProxy
+from coppice.gateway.sandbox_metrics import SandboxMetrics
 from coppice.gateway.sandboxes import SandboxService
 from coppice.gateway.templates import TemplateService
 from coppice.pool.controller import PoolController
@@ -38,6 +39,7 @@ class Gateway:
     proxy: SandboxProxy
     directory: SandboxDirectory
     templates: TemplateService
+    metrics: SandboxMetrics
     _quick: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(QUICK_THREADS)
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from coppice.errors import CoppiceError, EntryNotFound, IllegalTransition
@@ -27,7 +28,9 @@ class PoolKeeper:
         tick_s: float = 0.5,
         reconcile_every_s: float = 30.0,
         notices: SandboxNotices | None = None,
+        on_tick: Callable[[float], None] | None = None,
     ) -> None:
+        """`on_tick`: something else the keeper's loop does each pass (metrics readings)."""
         self.controller = controller
         self.store = controller.store
         #: what pool_targets says; templates it does not name keep their own pool_target
@@ -42,6 +45,7 @@ class PoolKeeper:
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
         self._last_reconcile = time.monotonic()
         self.notices = notices or SandboxNotices()
+        self.on_tick = on_tick
 
     # -- control --------------------------------------------------------------------------------
 
@@ -98,6 +102,8 @@ class PoolKeeper:
             try:
                 self.reap(time.time())
                 self.refill()
+                if self.on_tick is not None:
+                    self.on_tick(time.time())
                 if time.monotonic() - self._last_reconcile > self.reconcile_every_s:
                     self._last_reconcile = time.monotonic()
                     report = self.controller.reconcile()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from coppice.config import Limits, NetworkSettings
+from coppice.resource_usage import ResourceUsage
 from coppice.store.records import Handle, HeadProcess, TemplateRecord
 
 __all__ = [
@@ -86,6 +87,10 @@ class Substrate(Protocol):
 
     def destroy(self, entry_id: str, handle: Handle | None) -> None:
         """Remove every host object of the entry; safe on half-built and already-gone ones."""
+
+    def usage(self, entry_id: str, handle: Handle | None) -> ResourceUsage | None:
+        """What the sandbox uses now (its cgroup, its disk); None where the driver cannot
+        tell (the answer is then no metrics, not made-up ones)."""
 
     def console_log(self, entry_id: str) -> Path:
         """The file holding what the sandbox's init, agent and start command print (its

@@ -11,15 +11,38 @@ import contextlib
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from coppice.config import Limits
 from coppice.errors import PrerequisiteMissing, SubstrateError
+from coppice.resource_usage import parse_memory_stat, process_cpu_ticks
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 CPU_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class CgroupUsage:
+    cpu_seconds: float
+    mem_used: int
+    mem_cache: int
+    mem_limit: int
+
+
+def _processes_cpu_seconds(pids: list[int]) -> float:
+    """CPU time of the live processes and of the children they have reaped. (Without the
+    cpuacct controller, which v1 hosts mount apart from cpu, this is what is left to read;
+    a process that exited unreaped by anyone in the sandbox is not counted.)"""
+    ticks = 0
+    for pid in pids:
+        try:
+            ticks += process_cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class CgroupDriver(Protocol):
@@ -32,6 +55,7 @@ class CgroupDriver(Protocol):
     def freeze(self, name: str) -> None: ...
     def thaw(self, name: str) -> None: ...
     def pids(self, name: str) -> list[int]: ...
+    def usage(self, name: str) -> CgroupUsage: ...
     def kill_all(self, name: str, timeout_s: float = 5.0) -> None: ...
     def remove(self, name: str) -> None: ...
     def names(self) -> set[str]: ...
@@ -129,6 +153,16 @@ class CgroupV1:
     def pids(self, name: str) -> list[int]:
         return _read_pids(self._dir("pids", name) / "cgroup.procs")
 
+    def usage(self, name: str) -> CgroupUsage:
+        memory = self._dir("memory", name)
+        stat = parse_memory_stat((memory / "memory.stat").read_text())
+        return CgroupUsage(
+            cpu_seconds=_processes_cpu_seconds(self.pids(name)),
+            mem_used=int((memory / "memory.usage_in_bytes").read_text()),
+            mem_cache=stat.get("total_cache", stat.get("cache", 0)),
+            mem_limit=int((memory / "memory.limit_in_bytes").read_text()),
+        )
+
     def kill_all(self, name: str, timeout_s: float = 5.0) -> None:
         if not self._dir("freezer", name).is_dir():
             # create() was interrupted before the freezer existed, so the launcher (which runs
@@ -209,6 +243,17 @@ class CgroupV2:
 
     def pids(self, name: str) -> list[int]:
         return _read_pids(self._dir(name) / "cgroup.procs")
+
+    def usage(self, name: str) -> CgroupUsage:
+        d = self._dir(name)
+        cpu = parse_memory_stat((d / "cpu.stat").read_text())
+        limit = (d / "memory.max").read_text().strip()
+        return CgroupUsage(
+            cpu_seconds=cpu.get("usage_usec", 0) / 1e6,
+            mem_used=int((d / "memory.current").read_text()),
+            mem_cache=parse_memory_stat((d / "memory.stat").read_text()).get("file", 0),
+            mem_limit=int(limit) if limit.isdigit() else 0,
+        )
 
     def kill_all(self, name: str, timeout_s: float = 5.0) -> None:
         kill_file = self._dir(name) / "cgroup.kill"

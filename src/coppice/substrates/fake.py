@@ -16,6 +16,7 @@ from pathlib import Path
 
 from coppice.config import NetworkSettings, Settings
 from coppice.errors import SandboxDied, SandboxNotReady, SubstrateError
+from coppice.resource_usage import ResourceUsage
 from coppice.substrates.base import AGENT_PORT, Handle, HostObjects, SpawnSpec
 
 #: a range no real bridge uses; nothing is ever configured on it
@@ -27,6 +28,8 @@ class FakeSandbox:
     ip: str
     paused: bool = False
     alive: bool = True
+    #: what `usage` reports; a test sets it (None: the driver cannot tell)
+    usage: ResourceUsage | None = None
 
 
 @dataclass
@@ -113,6 +116,11 @@ class FakeSubstrate:
         self._record("destroy", entry_id)
         with self._lock:
             self.sandboxes.pop(entry_id, None)
+
+    def usage(self, entry_id: str, handle: Handle | None) -> ResourceUsage | None:
+        with self._lock:
+            sandbox = self.sandboxes.get(entry_id)
+        return None if sandbox is None or not sandbox.alive else sandbox.usage
 
     def console_log(self, entry_id: str) -> Path:
         return self.settings.run_dir / "fake" / entry_id / "console.log"

@@ -30,6 +30,7 @@ from coppice.host import mounts
 from coppice.host.processes import ProcessIdentity
 from coppice.images.keys import generate_ed25519
 from coppice.net.sandbox_link import SandboxLink
+from coppice.resource_usage import ResourceUsage
 from coppice.substrates import cgroups, readiness, seccomp
 from coppice.substrates.base import (
     AGENT_PORT,
@@ -272,6 +273,21 @@ class JailSubstrate:
             timeout_s,
             is_alive=lambda: self.is_alive(spec.entry_id, handle),
             diagnostics=lambda: self.console_tail(spec.entry_id),
+        )
+
+    def usage(self, entry_id: str, handle: Handle | None) -> ResourceUsage | None:
+        try:
+            cg = self.cgroups.usage(entry_id)
+            disk = os.statvfs(self.entry_dir(entry_id))  # the entry's own tmpfs
+        except (OSError, ValueError):
+            return None  # gone meanwhile
+        return ResourceUsage(
+            cpu_seconds=cg.cpu_seconds,
+            mem_used=cg.mem_used,
+            mem_cache=cg.mem_cache,
+            mem_total=cg.mem_limit,
+            disk_used=(disk.f_blocks - disk.f_bfree) * disk.f_frsize,
+            disk_total=disk.f_blocks * disk.f_frsize,
         )
 
     def console_log(self, entry_id: str) -> Path:

@@ -29,6 +29,7 @@ from coppice.errors import PrerequisiteMissing, SubstrateError
 from coppice.host.processes import ProcessIdentity
 from coppice.images.keys import generate_ed25519
 from coppice.net.tap import TapDevices, entry_tap_name
+from coppice.resource_usage import ResourceUsage
 from coppice.store.ipam import mac_for
 from coppice.store.records import TemplateRecord
 from coppice.substrates import accel, qemu_process, readiness
@@ -236,6 +237,11 @@ class VmSubstrate:
         )
         if handle.head is not None:
             qemu_process.wait_until_idle(handle.head.pid, timeout_s=SETTLE_TIMEOUT_S)
+
+    def usage(self, entry_id: str, handle: Handle | None) -> ResourceUsage | None:
+        # What the guest uses is the guest's to say (a balloon or the agent); the QEMU
+        # process's own numbers would be the whole VM's RAM, not the sandbox's use.
+        return None
 
     def console_log(self, entry_id: str) -> Path:
         return self.entry_dir(entry_id) / "console.log"
