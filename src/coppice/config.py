@@ -98,8 +98,10 @@ class Settings:
     api_keys_file: str = ""
     #: start a sandbox on demand when its pool is empty (else answer 429 with Retry-After)
     cold_start: bool = True
-    #: how many cold starts may run at once; more concurrent misses get 429
+    #: how many cold starts may run at once; more concurrent misses wait for one
     cold_start_parallelism: int = 4
+    #: how long a create waits for a cold-start slot (or a refill) before its 429
+    cold_start_wait_s: float = 30.0
     default_timeout_s: int = 300
     max_timeout_s: int = 86400
     #: template builds the gateway runs at once (each keeps CPUs busy; one template's builds

@@ -4,8 +4,10 @@ or cold, the 429 when neither may happen, idempotency, listing, kill, timeouts a
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,30 @@ def test_an_empty_pool_starts_cold_or_answers_429(tmp_path: Path) -> None:
     with pytest.raises(PoolExhausted) as info:
         strict.service.create(_request(), tenant(), None)
     assert info.value.http_status == 429 and info.value.retry_after_s >= 1
+
+
+def test_creates_beyond_the_cold_start_slots_wait_for_one_instead_of_429(
+    tmp_path: Path,
+) -> None:
+    pool = fake_pool(tmp_path, COPPICE_COLD_START_PARALLELISM="1")
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow_ready(entry_id: str) -> None:
+        started.set()
+        assert release.wait(5)
+
+    pool.fake.on_wait_ready = slow_ready
+    svc = Service(pool, target=0)
+    with ThreadPoolExecutor(2) as runner:
+        first = runner.submit(svc.service.create, _request(), tenant(), None)
+        assert started.wait(5)
+        second = runner.submit(svc.service.create, _request(), tenant(), None)
+        time.sleep(0.3)  # the second waits on the one slot, not a 429
+        assert not second.done()
+        release.set()
+        ids = {first.result(5)[0].sandbox.id, second.result(5)[0].sandbox.id}
+    assert len(ids) == 2
 
 
 def test_idempotent_create_returns_the_same_sandbox(svc: Service) -> None:

@@ -102,8 +102,17 @@ class SandboxService:
     ) -> EntryRecord:
         if not self.settings.cold_start or not template.policy.cold_start:
             raise empty
-        if not self._cold_starts.acquire(blocking=False):
-            raise PoolExhausted(template.name, retry_after_s=1.0) from None
+        # Every cold-start slot busy: wait (bounded) for a slot or for a refill to land in
+        # the pool, whichever comes first, rather than answer 429 to a create the host
+        # will have room for in a moment.
+        deadline = time.monotonic() + self.settings.cold_start_wait_s
+        while not self._cold_starts.acquire(timeout=0.1):
+            try:
+                return self.controller.checkout(template.name, record)
+            except PoolExhausted:
+                pass
+            if time.monotonic() > deadline:
+                raise PoolExhausted(template.name, retry_after_s=1.0) from None
         try:
             return self.controller.start_cold(template.name, record)
         except CapacityExceeded as exc:
