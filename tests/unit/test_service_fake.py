@@ -192,3 +192,19 @@ def test_the_template_policy_decides_limits_aliases_and_cold_start(tmp_path: Pat
     stored = pool.store.get_template(TEMPLATE)
     assert stored.policy.limits == small
     assert json.loads(json.dumps(stored.as_json()))["policy"]["aliases"] == ["tiny"]
+
+
+def test_a_template_that_cannot_warm_is_retried_later_and_later(tmp_path: Path) -> None:
+    svc = Service(fake_pool(tmp_path), target=1)
+    svc.pool.fake.failing_spawns = 2
+    svc.keeper.start()
+    try:
+        # The first failure waits a second, the next two, and the pool fills once the
+        # spawns work again; it does not retry every 0.05 s tick meanwhile.
+        assert wait_until(lambda: svc.keeper.backoff_s(TEMPLATE) > 0, timeout=5)
+        assert wait_until(lambda: svc.pool.controller.pool_size(TEMPLATE) == 1, timeout=15)
+        spawns = [c for c, _ in svc.pool.fake.calls if c == "spawn"]
+        assert len(spawns) <= 4
+        assert svc.keeper.backoff_s(TEMPLATE) == 0.0
+    finally:
+        svc.keeper.stop()

@@ -18,6 +18,8 @@ from coppice.pool.controller import PoolController
 from coppice.store.store import Applied
 
 log = logging.getLogger("coppice.keeper")
+#: the longest a template whose warms keep failing waits before the next attempt
+MAX_BACKOFF_S = 60.0
 
 
 class PoolKeeper:
@@ -46,6 +48,9 @@ class PoolKeeper:
         self._last_reconcile = time.monotonic()
         self.notices = notices or SandboxNotices()
         self.on_tick = on_tick
+        #: templates whose warms failed: (monotonic time to try again, the delay used)
+        self._backoff: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
 
     # -- control --------------------------------------------------------------------------------
 
@@ -124,9 +129,14 @@ class PoolKeeper:
         return {**found, **self.configured}
 
     def refill(self) -> None:
+        now = time.monotonic()
         for template, target in self.targets().items():
             running = self._warms.get(template)
             if running is not None and not running.done():
+                continue
+            with self._lock:
+                backoff = self._backoff.get(template)
+            if backoff is not None and now < backoff[0]:
                 continue
             try:
                 missing = target - self.controller.pool_size(template)
@@ -140,11 +150,32 @@ class PoolKeeper:
             report = self.controller.warm(template, count)
         except CoppiceError as exc:
             log.warning("refilling %s: %s", template, exc)
-            time.sleep(1.0)  # do not spin on a pool that cannot be filled right now
+            self._failed(template)
             return
         for failure in report.failures:
             log.warning("refilling %s: %s", template, failure)
+        if report.failures and not report.started:
+            self._failed(template)
+        else:
+            with self._lock:
+                self._backoff.pop(template, None)
         self._wake.set()
+
+    def _failed(self, template: str) -> None:
+        """Nothing of `template` came up: try again later, and later still each time, so a
+        template whose entries cannot start (a start command that fails) does not keep the
+        host's CPUs busy warming it."""
+        with self._lock:
+            _, delay = self._backoff.get(template, (0.0, 0.0))
+            delay = min(MAX_BACKOFF_S, max(1.0, delay * 2))
+            self._backoff[template] = (time.monotonic() + delay, delay)
+        log.warning("refilling %s again in %.0f s", template, delay)
+
+    def backoff_s(self, template: str) -> float:
+        """How long the keeper waits before it warms `template` again (0: it does not)."""
+        with self._lock:
+            found = self._backoff.get(template)
+        return 0.0 if found is None else max(0.0, found[0] - time.monotonic())
 
     def reap(self, now: float) -> list[str]:
         """Sandboxes whose timeout passed: killed, or paused if they asked for that."""
