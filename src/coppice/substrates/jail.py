@@ -137,7 +137,9 @@ class JailSubstrate:
         for path in sorted(self.settings.run_dir.glob("seccomp-*.bpf")):
             path.unlink()
         self._filter_path = None
-        for d in (self.settings.entries_dir, self.settings.run_dir):
+        # Build steps mount their images under run_dir/build-mnt; empty once they end.
+        build_mounts = self.settings.run_dir / "build-mnt"
+        for d in (self.settings.entries_dir, build_mounts, self.settings.run_dir):
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
 
