@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coppice.config import Settings
-from coppice.errors import TemplateBuildError, TemplateNotFound
+from coppice.errors import CoppiceError, TemplateBuildError, TemplateNotFound
 from coppice.images.file_lock import locked
 from coppice.images.idshift import shift_ownership
 from coppice.images.layers import LayerStore, Manifest
@@ -194,11 +194,9 @@ class BaseResolver:
                 return record
         try:
             return self.build_recipe(name)
-        except TemplateNotFound:
+        except (TemplateNotFound, TemplateBuildError):
             raise
-        except TemplateBuildError:
-            raise
-        except Exception as exc:
+        except CoppiceError as exc:  # no such recipe either
             raise TemplateBuildError(
                 f"there is no template {name!r} to build on: {exc}", step="base"
             ) from exc

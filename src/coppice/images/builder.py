@@ -46,7 +46,7 @@ from coppice.images.idshift import unshift_ownership
 from coppice.images.kernel import cached_kernel, current_kernel_release, require_apt_tools
 from coppice.images.keys import PoolKey
 from coppice.images.layers import LayerStore, Manifest
-from coppice.images.recipes import recipe
+from coppice.images.recipes import RECIPE_FILES, recipe
 from coppice.images.spec import Step, TemplateSpec
 from coppice.images.step_runner import StepRunner
 from coppice.images.vm_image import (
@@ -105,10 +105,6 @@ def policy_of(spec: TemplateSpec) -> TemplatePolicy:
     )
 
 
-def recipe_files_dir() -> Path:
-    return Path(str(resources.files("coppice.images").joinpath("recipe_files")))
-
-
 def _vm_inputs(kernel_release: str) -> dict[str, object]:
     """What a vm template is made of besides the root filesystem. The kernel release is
     part of it, so a new Debian kernel (after `apt-get update`) makes a new template."""
@@ -142,7 +138,7 @@ class TemplateBuilder:
 
     def build(self, name: str, force: bool = False) -> tuple[TemplateRecord, bool]:
         """Build (or find cached) the built-in template `name`."""
-        return self.build_spec(recipe(name), ContextDir(recipe_files_dir()), force)
+        return self.build_spec(recipe(name), ContextDir(RECIPE_FILES), force)
 
     def build_spec(
         self, spec: TemplateSpec, files: BuildFiles | None = None, force: bool = False
