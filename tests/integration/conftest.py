@@ -28,11 +28,23 @@ from .hostscan import HostSnapshot
 
 pytestmark = pytest.mark.integration
 
-TEST_NAMESPACE = "coppice-test"
-TEST_BRIDGE = "coppicetest0"
-TEST_SUBNET = "10.79.0.0/24"
-TEST_VM_BRIDGE = "copptestvm0"
-TEST_VM_SUBNET = "10.80.0.0/24"
+#: COPPICE_TEST_INSTANCE=1..7 gives a run its own names and subnets, so that runs from
+#: several checkouts can share the host at once; unset, the one instance CI uses
+_INSTANCE = os.environ.get("COPPICE_TEST_INSTANCE", "")
+if _INSTANCE and not (_INSTANCE.isdigit() and 1 <= int(_INSTANCE) <= 7):
+    raise RuntimeError("COPPICE_TEST_INSTANCE must be a number from 1 to 7")
+if _INSTANCE:
+    TEST_NAMESPACE = f"coppice-t{_INSTANCE}"
+    TEST_BRIDGE = f"coppt{_INSTANCE}br"
+    TEST_SUBNET = f"10.79.{16 + int(_INSTANCE)}.0/24"
+    TEST_VM_BRIDGE = f"coppt{_INSTANCE}vm"
+    TEST_VM_SUBNET = f"10.80.{16 + int(_INSTANCE)}.0/24"
+else:
+    TEST_NAMESPACE = "coppice-test"
+    TEST_BRIDGE = "coppicetest0"
+    TEST_SUBNET = "10.79.0.0/24"
+    TEST_VM_BRIDGE = "copptestvm0"
+    TEST_VM_SUBNET = "10.80.0.0/24"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
