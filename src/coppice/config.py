@@ -82,6 +82,20 @@ class Settings:
     #: package sources a template build may reach beyond the host's own apt, pip and npm
     #: configuration: "host" (ports 80 and 443) or "host:port", comma-separated
     build_allowed_hosts: str = ""
+    # -- sandbox egress --
+    #: whether a sandbox reaches the internet when its create request does not say (E2B's
+    #: `allow_internet_access` defaults to true)
+    internet_access: bool = True
+    #: the one host interface sandbox traffic may leave by (empty: whichever the host's
+    #: routes pick); a test instance names its own test network here so no sandbox packet
+    #: can leave the machine
+    egress_interface: str = ""
+    #: private networks of the host's (RFC 1918 and the like, blocked by default) that
+    #: sandboxes may reach, subject to their own rules: CIDRs, comma-separated
+    egress_private_allowed: str = ""
+    #: DNS servers the sandboxes' resolver asks, comma-separated; empty: the host's own
+    #: (/etc/resolv.conf)
+    dns_upstreams: str = ""
     ready_timeout_s: float = 30.0
     #: how many entries one warm starts at the same time
     spawn_parallelism: int = 8

@@ -25,6 +25,7 @@ from coppice.substrates.build_jail import template_builder
 
 from .gateway_process import GatewayProcess, sdk_pointed_at
 from .hostscan import HostSnapshot
+from .internet import DNS_SERVER, HOST_LINK, TestInternet
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +46,10 @@ else:
     TEST_SUBNET = "10.79.0.0/24"
     TEST_VM_BRIDGE = "copptestvm0"
     TEST_VM_SUBNET = "10.80.0.0/24"
+
+
+#: the links this instance owns beyond its entries' (for the leak check)
+TEST_LINKS = (TEST_BRIDGE, TEST_VM_BRIDGE, HOST_LINK)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -71,6 +76,10 @@ def config_file(instance_dir: Path) -> Path:
         f'state_dir = "{instance_dir / "state"}"\n'
         f'run_dir = "/run/{TEST_NAMESPACE}"\n'
         f'namespace = "{TEST_NAMESPACE}"\n'
+        # No sandbox packet leaves this machine: the only way out is the test internet's
+        # link (tests/integration/internet.py), which exists only while egress tests run.
+        f'egress_interface = "{HOST_LINK}"\n'
+        f'dns_upstreams = "{DNS_SERVER}"\n'
         f"[jail_network]\n"
         f'bridge = "{TEST_BRIDGE}"\n'
         f'subnet = "{TEST_SUBNET}"\n'
@@ -95,7 +104,7 @@ def cli_env(config_file: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def host_before() -> HostSnapshot:
-    return HostSnapshot.take(TEST_NAMESPACE)
+    return HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS)
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +115,7 @@ def controller(settings: Settings, host_before: HostSnapshot) -> Iterator[PoolCo
     for t in c.store.list_templates():
         c.drain(t.name)
     c.deinit_host()
-    after = HostSnapshot.take(TEST_NAMESPACE)
+    after = HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS)
     leaked = after.minus(host_before)
     assert not leaked, f"integration tests leaked host objects: {leaked}"
 
@@ -172,6 +181,15 @@ def vm_pool(controller: PoolController, vm_template: TemplateRecord) -> Iterator
     yield controller
     controller.drain(vm_template.name)
     controller.reconcile()
+
+
+@pytest.fixture(scope="session")
+def internet(controller: PoolController) -> Iterator[TestInternet]:
+    """The made-up internet the instance's sandboxes reach (after `controller`, so that it
+    is gone before the leak check)."""
+    world = TestInternet(f"{TEST_NAMESPACE}-inet").start()
+    yield world
+    world.stop()
 
 
 #: warm entries of `base` and `code-interpreter-v1` the SDK suites' gateway keeps

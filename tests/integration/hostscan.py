@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+#: the bridges and links other test instances (COPPICE_TEST_INSTANCE) own
+_INSTANCE_LINK = re.compile(r"coppt\d(br|vm)|coppinet\d|coppicetest0|copptestvm0")
+
+
+def _links(namespace: str, own: tuple[str, ...]) -> set[str]:
+    """Coppice-shaped links that are this instance's: its own bridges and links, what hangs
+    off its bridges, and loose ones that no other instance's bridge names."""
+    found = set()
+    for line in subprocess.run(
+        ["ip", "-o", "link"], capture_output=True, text=True, check=True
+    ).stdout.splitlines():
+        name = line.split(": ")[1].split("@")[0]
+        if not name.startswith(("copp", "veth", "ctap", "cgold")):
+            continue
+        master = re.search(r" master (\S+)", line)
+        if master is not None:
+            if not own or master.group(1) in own:
+                found.add(name)
+        elif not own or name in own or not _INSTANCE_LINK.fullmatch(name):
+            found.add(name)
+    return found
 
 
 @dataclass(frozen=True)
@@ -16,19 +39,15 @@ class HostSnapshot:
     processes: frozenset[str]
 
     @classmethod
-    def take(cls, namespace: str) -> HostSnapshot:
+    def take(cls, namespace: str, bridges: tuple[str, ...] = ()) -> HostSnapshot:
+        """`bridges`: the instance's own; links of other test instances running beside it
+        (on their own bridges) are theirs, not this one's leaks."""
         mounts = frozenset(
             line.split()[1]
             for line in Path("/proc/mounts").read_text().splitlines()
             if namespace in line.split()[1]
         )
-        links = frozenset(
-            line.split(": ")[1].split("@")[0]
-            for line in subprocess.run(
-                ["ip", "-o", "link"], capture_output=True, text=True, check=True
-            ).stdout.splitlines()
-            if line.split(": ")[1].startswith(("copp", "veth", "ctap", "cgold"))
-        )
+        links = frozenset(_links(namespace, bridges))
         netns_dir = Path("/run/netns")
         netns = (
             frozenset(p.name for p in netns_dir.iterdir() if p.name.startswith(namespace))

@@ -312,8 +312,7 @@ def test_signed_urls_work_behind_one_origin(sbx: Sandbox) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "feature"),
     [
-        ({"network": {"allow_out": ["198.51.100.7"]}}, "allowOut"),
-        ({"network": {"deny_out": ["198.51.100.0/24"]}}, "denyOut"),
+        ({"network": {"dns_servers": ["198.51.100.53"]}}, "dnsServers"),
         ({"volume_mounts": {"/data": "vol"}}, "volume"),
         (
             {"lifecycle": {"on_timeout": {"action": "pause", "mode": "filesystem"}}},
@@ -340,6 +339,7 @@ def test_a_filesystem_only_pause_is_refused(sbx: Sandbox) -> None:
 
 def test_the_sdk_default_internet_flag_is_accepted(gateway: GatewayProcess) -> None:
     sbx = Sandbox.create(allow_internet_access=True)
+    assert sbx.get_info().allow_internet_access is True
     sbx.kill()
 
 

@@ -16,7 +16,7 @@ from coppice.pool.controller import PoolController
 from coppice.substrates.base import AGENT_PORT
 from coppice.substrates.readiness import agent_health
 
-from .conftest import TEST_NAMESPACE, run_cli
+from .conftest import TEST_LINKS, TEST_NAMESPACE, run_cli
 from .hostscan import HostSnapshot
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ def _host_ids(pool: PoolController) -> set[str]:
 
 def test_kill9_of_a_sandbox_is_replaced(pool: PoolController) -> None:
     pool.warm("python", 2)
-    before = HostSnapshot.take(TEST_NAMESPACE)
+    before = HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS)
     # A running (checked-out) sandbox: the v1 freezer holds signals to frozen ones until thaw.
     victim = pool.checkout("python")
     (survivor,) = [e for e in pool.list("python") if e.id != victim.id]
@@ -50,7 +50,7 @@ def test_kill9_of_a_sandbox_is_replaced(pool: PoolController) -> None:
     assert all(e.state is State.AVAILABLE for e in pool.list("python"))
     # Only the jail's top process was killed; reconcile must still end everything inside it.
     assert _host_ids(pool) == ids
-    after = HostSnapshot.take(TEST_NAMESPACE)
+    after = HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS)
     # Same number of everything: one entry's objects swapped for another's.
     assert len(after.mounts) == len(before.mounts)
     assert len(after.netns) == len(before.netns)

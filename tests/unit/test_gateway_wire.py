@@ -116,8 +116,8 @@ def test_total_running_only_when_running_is_asked_for() -> None:
 @pytest.mark.parametrize(
     ("body", "feature"),
     [
-        ({"network": {"allowOut": ["1.1.1.1"]}}, "network.allowOut"),
-        ({"network": {"denyOut": ["0.0.0.0/0"]}}, "network.denyOut"),
+        ({"network": {"dnsServers": ["198.51.100.53"]}}, "network.dnsServers"),
+        ({"network": {"rules": {"x.example": [{"transform": {}}]}}}, "network.rules"),
         ({"network": {"maskRequestHost": "${PORT}-x.example"}}, "maskRequestHost"),
         ({"mcp": {"github": {}}}, "MCP"),
         ({"volumeMounts": [{"name": "v", "path": "/data"}]}, "volumeMounts"),

@@ -64,6 +64,7 @@ from coppice.gateway.wire import (
     parse_connect,
     parse_create,
     parse_list_query,
+    parse_network_update,
     parse_pause,
     sandbox_json,
     timeout_value,
@@ -95,7 +96,10 @@ async def create_sandbox(request: Request) -> Response:
     if key is not None and not _IDEMPOTENCY_KEY.match(key):
         raise InvalidRequest("Idempotency-Key must be 1-255 characters of a-z, 0-9 and -")
     req = parse_create(
-        await _json(request), gw.settings.default_timeout_s, gw.settings.max_timeout_s
+        await _json(request),
+        gw.settings.default_timeout_s,
+        gw.settings.max_timeout_s,
+        gw.settings.internet_access,
     )
     last: Exception | None = None
     for _ in range(INIT_ATTEMPTS):
@@ -164,13 +168,23 @@ async def get_sandbox(request: Request) -> Response:
     who = _who(request, KeyScope.READ)
     handed = await gw.quick(gw.service.get, who, request.path_params["sandbox_id"])
     template = gw.template_of(handed)
-    return JSONResponse(detail_json(handed, template, gw.service.limits(template)))
+    return JSONResponse(
+        detail_json(handed, template, gw.service.limits(template), gw.settings.internet_access)
+    )
 
 
 async def kill_sandbox(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.MANAGE)
     await gw.quick(gw.service.kill, who, request.path_params["sandbox_id"])
+    return Response(status_code=204)
+
+
+async def update_network(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    who = _who(request, KeyScope.MANAGE)
+    policy = parse_network_update(await _json(request), gw.settings.internet_access)
+    await gw.quick(gw.service.update_network, who, request.path_params["sandbox_id"], policy)
     return Response(status_code=204)
 
 
@@ -348,6 +362,7 @@ ROUTES = [
     Route("/sandboxes/{sandbox_id}", get_sandbox, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}", kill_sandbox, methods=["DELETE"]),
     Route("/sandboxes/{sandbox_id}/timeout", set_timeout, methods=["POST"]),
+    Route("/sandboxes/{sandbox_id}/network", update_network, methods=["PUT"]),
     Route("/sandboxes/{sandbox_id}/refreshes", refresh, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/pause", pause, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/resume", resume, methods=["POST"]),

@@ -11,9 +11,10 @@ import uvicorn
 
 from coppice.config import Settings
 from coppice.errors import InvalidRequest, TemplateNotFound
-from coppice.gateway.app import build_gateway
+from coppice.gateway.app import GatewayApp, build_gateway
 from coppice.gateway.auth import KeyRing
 from coppice.gateway.catalog import TemplateCatalog
+from coppice.gateway.sandbox_dns import SandboxNetworkService
 from coppice.pool.controller import PoolController
 from coppice.store.store import Store
 
@@ -72,6 +73,14 @@ class GatewayRunner:
         # One line per relayed request is noise (and time) on the hot path.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         app = build_gateway(self.settings, controller)
+        networks = SandboxNetworkService(self.settings, controller, self.port)
+        networks.start()
+        try:
+            self._serve(app)
+        finally:
+            networks.stop()
+
+    def _serve(self, app: GatewayApp) -> None:
         uvicorn.run(
             app,
             host=self.host,

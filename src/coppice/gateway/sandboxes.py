@@ -9,9 +9,11 @@ import time
 from dataclasses import dataclass
 
 from coppice.config import Limits, Settings
+from coppice.egress_policy import EgressPolicy
 from coppice.errors import (
     CapacityExceeded,
     Conflict,
+    CoppiceError,
     EntryNotFound,
     IllegalTransition,
     NotFound,
@@ -85,6 +87,7 @@ class SandboxService:
             auto_resume=req.auto_resume,
             idempotency_key=idempotency_key or None,
             traffic_token=None if req.public_traffic else secrets.token_urlsafe(24),
+            egress=req.egress,
         )
         try:
             entry = self.controller.checkout(template.name, record)
@@ -180,6 +183,17 @@ class SandboxService:
             raise SandboxNotFound(sandbox_id) from None
         # The sandbox is over as of the commit above; the teardown itself runs behind.
         self.keeper.teardown(applied)
+
+    def update_network(self, who: Principal, sandbox_id: str, egress: EgressPolicy | None) -> None:
+        """Replace the sandbox's egress rules, in the store (the truth a restart restores)
+        and on the host."""
+        handed = self.get(who, sandbox_id)
+        self.store.set_sandbox_egress(sandbox_id, egress)
+        try:
+            self.controller.set_egress(handed.entry, egress)
+        except CoppiceError:
+            self.store.set_sandbox_egress(sandbox_id, handed.sandbox.egress)
+            raise
 
     def set_timeout(self, who: Principal, sandbox_id: str, seconds: int) -> None:
         self.get(who, sandbox_id)

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from coppice.config import Limits
+from coppice.egress_policy import EgressPolicy
 from coppice.errors import InvalidRequest, NotSupportedYet
 from coppice.store.records import HandedOut, TemplateBuildRecord, TemplateRecord
 
@@ -34,6 +35,8 @@ class CreateRequest:
     auto_resume: bool
     #: False: traffic to the sandbox's own ports needs its traffic access token
     public_traffic: bool = True
+    #: what it may reach beyond the host; None: the host's default
+    egress: EgressPolicy | None = None
 
 
 def _object(body: Any, where: str) -> dict[str, Any]:
@@ -91,8 +94,6 @@ def _present(value: Any) -> bool:
 
 #: network fields whose behaviour Coppice does not have yet, by their JSON name
 _NETWORK_NOT_YET = {
-    "allowOut": "egress allow rules (network.allowOut)",
-    "denyOut": "egress deny rules (network.denyOut)",
     "dnsServers": "custom DNS servers (network.dnsServers)",
     "egressProxy": "an egress proxy (network.egressProxy)",
     "maskRequestHost": "a request host mask (network.maskRequestHost)",
@@ -101,14 +102,56 @@ _NETWORK_NOT_YET = {
 }
 
 
+def _refuse_network_not_yet(obj: dict[str, Any]) -> None:
+    for key, feature in _NETWORK_NOT_YET.items():
+        if _present(obj.get(key)):
+            raise NotSupportedYet(feature, "allowOut, denyOut and allow_internet_access work")
+
+
 def _public_traffic(network: Any) -> bool:
     if network is None:
         return True
-    obj = _object(network, "network")
-    for key, feature in _NETWORK_NOT_YET.items():
-        if _present(obj.get(key)):
-            raise NotSupportedYet(feature, "sandboxes have no egress network today")
-    return _flag(obj, "allowPublicTraffic", True)
+    return _flag(_object(network, "network"), "allowPublicTraffic", True)
+
+
+def _string_list(value: Any, name: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidRequest(f"{name} must be a list of strings")
+    return value
+
+
+def _egress(
+    obj: dict[str, Any], network: dict[str, Any], internet_by_default: bool
+) -> EgressPolicy | None:
+    """The rules a create or an update states; None when it states none (the host's
+    default applies, and can change with the host's configuration)."""
+    _refuse_network_not_yet(network)
+    internet = obj.get("allow_internet_access")
+    allow = _string_list(network.get("allowOut"), "network.allowOut")
+    deny = _string_list(network.get("denyOut"), "network.denyOut")
+    if internet is None and not allow and not deny:
+        return None
+    return EgressPolicy.parse(_flag(obj, "allow_internet_access", internet_by_default), allow, deny)
+
+
+def parse_network_update(body: Any, internet_by_default: bool) -> EgressPolicy | None:
+    """`PUT /sandboxes/{id}/network`: the whole new rule set (an omitted field is cleared)."""
+    obj = _object(body, "the request body")
+    return _egress(obj, obj, internet_by_default)
+
+
+def egress_json(policy: EgressPolicy | None, internet_by_default: bool) -> dict[str, Any]:
+    """`allowInternetAccess` and the egress half of `network`, as a sandbox's detail has them."""
+    if policy is None:
+        return {"allowInternetAccess": internet_by_default}
+    network: dict[str, Any] = {}
+    if policy.allow_out():
+        network["allowOut"] = policy.allow_out()
+    if policy.deny_out():
+        network["denyOut"] = policy.deny_out()
+    return {"allowInternetAccess": policy.allow_internet, "network": network}
 
 
 def refuse_unsupported_create_fields(obj: dict[str, Any]) -> None:
@@ -132,7 +175,9 @@ def refuse_unsupported_create_fields(obj: dict[str, Any]) -> None:
         raise NotSupportedYet("workload identity (iam)")
 
 
-def parse_create(body: Any, default_timeout: int, max_timeout: int) -> CreateRequest:
+def parse_create(
+    body: Any, default_timeout: int, max_timeout: int, internet_by_default: bool = True
+) -> CreateRequest:
     obj = _object(body, "the request body")
     template_id = obj.get("templateID")
     if not isinstance(template_id, str) or not template_id:
@@ -140,9 +185,7 @@ def parse_create(body: Any, default_timeout: int, max_timeout: int) -> CreateReq
     timeout = obj.get("timeout")
     auto_pause = _enabled(obj.get("autoPause"), "autoPause")
     refuse_unsupported_create_fields(obj)
-    # Accepted either way: sandboxes have no egress today, so `false` is what they get and
-    # `true` (what the SDK sends when asked) is documented as not yet honoured.
-    _flag(obj, "allow_internet_access", True)
+    network = obj.get("network")
     return CreateRequest(
         template_id=template_id,
         timeout_s=default_timeout
@@ -152,7 +195,10 @@ def parse_create(body: Any, default_timeout: int, max_timeout: int) -> CreateReq
         env_vars=_string_map(obj.get("envVars"), "envVars"),
         on_timeout="pause" if auto_pause else "kill",
         auto_resume=_enabled(obj.get("autoResume"), "autoResume"),
-        public_traffic=_public_traffic(obj.get("network")),
+        public_traffic=_public_traffic(network),
+        egress=_egress(
+            obj, {} if network is None else _object(network, "network"), internet_by_default
+        ),
     )
 
 
@@ -219,13 +265,18 @@ def listed_json(h: HandedOut, template: str, limits: Limits) -> dict[str, Any]:
     }
 
 
-def detail_json(h: HandedOut, template: str, limits: Limits) -> dict[str, Any]:
-    return {
+def detail_json(
+    h: HandedOut, template: str, limits: Limits, internet_by_default: bool = True
+) -> dict[str, Any]:
+    body = {
         **listed_json(h, template, limits),
         "envdAccessToken": h.sandbox.access_token,
         "domain": None,
         "lifecycle": {"autoResume": h.sandbox.auto_resume, "onTimeout": h.sandbox.on_timeout},
+        **egress_json(h.sandbox.egress, internet_by_default),
     }
+    body.setdefault("network", {})["allowPublicTraffic"] = h.sandbox.traffic_token is None
+    return body
 
 
 def build_id(t: TemplateRecord) -> str:

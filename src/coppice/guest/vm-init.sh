@@ -50,6 +50,10 @@ if [ -n "$ip_cidr" ]; then
     fi
 fi
 
+# The resolver the gateway runs on the bridge (it enforces the sandbox's domain rules).
+if [ -n "$gateway" ]; then
+    printf 'nameserver %s\n' "$gateway" >/etc/resolv.conf
+fi
 echo "$name" >/proc/sys/kernel/hostname
 echo "$name" >/etc/hostname
 if [ -n "$address" ]; then

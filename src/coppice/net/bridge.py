@@ -1,10 +1,10 @@
 """The host bridge of one substrate: the gateway address its entries route through.
 
 Entries hang off the bridge as *isolated* ports, which the bridge forwards only to and from
-non-isolated ports (the host itself), so two sandboxes never exchange a frame. Forwarding is
-switched off for packets arriving on the bridge, so the host does not route between sandboxes
-(or anywhere else) either, and the host guard (host_guard.py) drops every connection a
-sandbox opens towards the host: sandboxes only answer, they never call out.
+non-isolated ports (the host itself), so two sandboxes never exchange a frame. A new bridge
+starts with forwarding off, so the host routes nothing of its sandboxes until the egress table
+(egress_table.py) that judges each of their packets is in place and turns it on; the host
+guard (host_guard.py) drops every connection a sandbox opens towards the host's own services.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class HostBridge:
         try:
             with IPRoute() as ipr:
                 idx = self.index(ipr)
+                created = idx is None
                 if idx is None:
                     try:
                         ipr.link("add", ifname=self.name, kind="bridge")
@@ -68,7 +69,8 @@ class HostBridge:
                 ipr.link("set", index=idx, state="up")
         except NetlinkError as exc:
             raise SubstrateError(f"cannot set up bridge {self.name}: {exc}") from exc
-        _sysctl(f"net/ipv4/conf/{self.name}/forwarding", "0")
+        if created:
+            _sysctl(f"net/ipv4/conf/{self.name}/forwarding", "0")
         _sysctl(f"net/ipv6/conf/{self.name}/disable_ipv6", "1")
         HostGuard(self.name).ensure()
 

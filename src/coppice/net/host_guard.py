@@ -1,19 +1,19 @@
 """The host's own door, closed to sandboxes: an nftables table per bridge that drops every
-connection a sandbox opens towards the host, while the host's connections into sandboxes
-(and their answers) pass.
+connection a sandbox opens towards the host, but to the ports in its `services` set (the
+gateway's, the sandboxes' resolver), while the host's connections into sandboxes (and their
+answers) pass.
 
-Isolated bridge ports and disabled forwarding already keep sandboxes from reaching each
-other and the world; this closes the last way out, the host's own services (its sshd, a
-gateway bound to 0.0.0.0, anything listening on the bridge address).
+Isolated bridge ports already keep sandboxes from reaching each other over the bridge, and the
+egress table (egress_rules.py) judges what is routed beyond the host; this closes the host's
+own services (its sshd, a database on 0.0.0.0, anything listening on the bridge address).
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
+from collections.abc import Iterable
 
-from coppice.errors import PrerequisiteMissing, SubstrateError
+from coppice.net import nft
 
 
 def table_name(bridge: str) -> str:
@@ -21,27 +21,32 @@ def table_name(bridge: str) -> str:
 
 
 def ruleset(bridge: str) -> str:
-    """Loaded as one nft transaction: create-if-missing, delete, recreate, so a reload
-    replaces the table atomically and never leaves the host open in between."""
-    table = table_name(bridge)
+    """Idempotent: loading it again rewrites the rules and keeps the `services` set (a running
+    gateway's ports stay open across a bridge's repair)."""
+    t = table_name(bridge)
     return (
-        f"table inet {table} {{}}\n"
-        f"delete table inet {table}\n"
-        f"table inet {table} {{\n"
-        "  chain input {\n"
-        "    type filter hook input priority filter; policy accept;\n"
-        f'    iifname "{bridge}" ct state established,related accept\n'
-        f'    iifname "{bridge}" counter drop\n'
-        "  }\n"
-        "}\n"
+        f"add table inet {t}\n"
+        f"add set inet {t} services {{ type inet_service; }}\n"
+        f"add chain inet {t} input {{ type filter hook input priority filter; policy accept; }}\n"
+        f"flush chain inet {t} input\n"
+        f'add rule inet {t} input iifname "{bridge}" ct state established,related accept\n'
+        f'add rule inet {t} input iifname "{bridge}" meta l4proto {{ tcp, udp }} '
+        f"th dport @services accept\n"
+        f'add rule inet {t} input iifname "{bridge}" counter drop\n'
     )
 
 
-def _nft(script: str) -> subprocess.CompletedProcess[str]:
-    if shutil.which("nft") is None:
-        raise PrerequisiteMissing("nft is not installed (package nftables); run scripts/setup")
-    return subprocess.run(
-        ["nft", "-f", "-"], input=script, capture_output=True, text=True, check=False
+def services_ruleset(bridge: str, ports: Iterable[int], add: bool) -> str:
+    t = table_name(bridge)
+    listed = ", ".join(str(p) for p in sorted(set(ports)))
+    if not listed:
+        return ""
+    if add:
+        return f"add element inet {t} services {{ {listed} }}\n"
+    # add first, so that the delete always finds them
+    return (
+        f"add element inet {t} services {{ {listed} }}\n"
+        f"delete element inet {t} services {{ {listed} }}\n"
     )
 
 
@@ -50,23 +55,18 @@ class HostGuard:
         self.bridge = bridge
 
     def ensure(self) -> None:
-        done = _nft(ruleset(self.bridge))
-        if done.returncode != 0:
-            raise SubstrateError(
-                f"cannot install the firewall table for {self.bridge}: {done.stderr.strip()}"
-            )
+        nft.load(ruleset(self.bridge), f"install the firewall table for {self.bridge}")
+
+    def open(self, ports: Iterable[int]) -> None:
+        """Let sandboxes reach these host ports (TCP and UDP)."""
+        nft.load(services_ruleset(self.bridge, ports, add=True), "open the gateway's ports")
+
+    def close(self, ports: Iterable[int]) -> None:
+        nft.load(services_ruleset(self.bridge, ports, add=False), "close the gateway's ports")
 
     def remove(self) -> None:
-        table = table_name(self.bridge)
-        done = _nft(f"table inet {table} {{}}\ndelete table inet {table}\n")
-        if done.returncode != 0:
-            raise SubstrateError(f"cannot remove firewall table {table}: {done.stderr.strip()}")
+        t = table_name(self.bridge)
+        nft.load(f"add table inet {t}\ndelete table inet {t}\n", f"remove firewall table {t}")
 
     def installed(self) -> bool:
-        done = subprocess.run(
-            ["nft", "list", "table", "inet", table_name(self.bridge)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        return done.returncode == 0
+        return nft.has_table("inet", table_name(self.bridge))

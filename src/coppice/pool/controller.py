@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from coppice.config import Limits, Settings
+from coppice.egress_policy import EgressPolicy
 from coppice.errors import (
     CoppiceError,
     EntryNotFound,
@@ -31,6 +33,8 @@ from coppice.store.records import EntryRecord, SandboxRecord, TemplateRecord
 from coppice.store.store import Applied, Store
 from coppice.substrates import registry
 from coppice.substrates.base import SpawnSpec, Substrate
+
+log = logging.getLogger("coppice.pool")
 
 
 @dataclass
@@ -193,11 +197,17 @@ class PoolController:
             try:
                 if not sub.is_alive(entry.id, entry.handle):
                     raise SandboxDied(entry.id)
-                sub.resume(entry.id, entry.handle)
-                return entry
             except SubstrateError as exc:
                 # A dead entry is replaced and the next one is tried; the caller never sees
                 # a sandbox that cannot answer.
+                self.perform(self.store.apply(entry.id, Event.DIED, str(exc)), self.respawn)
+                continue
+            # Its rules before its processes run again: nothing it does escapes them.
+            self._egress_or_return(entry, sandbox)
+            try:
+                sub.resume(entry.id, entry.handle)
+                return entry
+            except SubstrateError as exc:
                 self.perform(self.store.apply(entry.id, Event.DIED, str(exc)), self.respawn)
 
     def start_cold(self, template_name: str, sandbox: SandboxRecord) -> EntryRecord:
@@ -214,12 +224,41 @@ class PoolController:
             sandbox, started_at=sandbox.started_at + late, end_at=sandbox.end_at + late
         )
         try:
-            return self.store.hand_out(fresh.id, sandbox).entry
+            entry = self.store.hand_out(fresh.id, sandbox).entry
         except (IllegalTransition, EntryNotFound) as exc:
             # Drained (or found dead by a reconcile) while it started: it is not ours.
             with contextlib.suppress(IllegalTransition, EntryNotFound):
                 self.perform(self.store.apply(fresh.id, Event.FAIL, str(exc)))
             raise SubstrateError(f"cold start of {fresh.id} was cancelled: {exc}") from exc
+        self._egress_or_return(entry, sandbox)
+        return entry
+
+    # -- egress -------------------------------------------------------------------------------
+
+    def set_egress(self, entry: EntryRecord, policy: EgressPolicy | None) -> None:
+        self.substrate(entry.substrate).egress.set(entry.ip, policy)
+
+    def _egress_or_return(self, entry: EntryRecord, sandbox: SandboxRecord | None) -> None:
+        """Give a handed-out entry its sandbox's rules; one that cannot have them is not
+        handed out (it goes back, and the caller hears why)."""
+        if sandbox is None or sandbox.egress is None:
+            return
+        try:
+            self.set_egress(entry, sandbox.egress)
+        except CoppiceError:
+            with contextlib.suppress(IllegalTransition, EntryNotFound):
+                self.perform(self.store.apply(entry.id, Event.RETURN, "egress rules failed"))
+            raise
+
+    def restore_egress(self) -> None:
+        """Make every substrate's firewall hold exactly the rules of the sandboxes in the
+        store (a restart, a host whose tables were flushed)."""
+        wanted: dict[str, dict[str, EgressPolicy]] = {name: {} for name in self.substrates}
+        for handed in self.store.list_sandboxes():
+            if handed.sandbox.egress is not None and handed.entry.substrate in wanted:
+                wanted[handed.entry.substrate][handed.entry.ip] = handed.sandbox.egress
+        for name, policies in wanted.items():
+            self.substrate(name).egress.reset(policies)
 
     def return_entry(self, entry_id: str) -> EntryRecord | None:
         """Destroy the entry and (unless a keeper refills instead) start its replacement."""
@@ -307,6 +346,11 @@ class PoolController:
             elif action is Action.PAUSE:
                 sub.pause(entry.id, entry.handle)
             elif action is Action.DESTROY:
+                # The address goes to the next entry: it must not inherit this one's rules.
+                try:
+                    sub.egress.set(entry.ip, None)
+                except CoppiceError as exc:
+                    log.warning("cannot clear the egress rules of %s: %s", entry.id, exc)
                 sub.destroy(entry.id, entry.handle)
                 self.store.apply(entry.id, Event.DESTROYED)
             elif action is Action.RESPAWN:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coppice.config import Limits
+from coppice.egress_policy import EgressPolicy
 from coppice.host.processes import ProcessIdentity
 from coppice.lifecycle import State
 
@@ -227,6 +228,8 @@ class SandboxRecord:
     idempotency_key: str | None
     #: set when the sandbox's own ports are private: requests to them must carry it
     traffic_token: str | None = None
+    #: what it may reach beyond the host; None: the host's default
+    egress: EgressPolicy | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> SandboxRecord:
@@ -238,6 +241,8 @@ class SandboxRecord:
         data["env_vars"] = json.loads(data["env_vars"])
         data["metadata"] = json.loads(data["metadata"])
         data["auto_resume"] = bool(data["auto_resume"])
+        egress = data.get("egress")
+        data["egress"] = EgressPolicy.from_json(egress) if egress else None
         return cls(**data)
 
     def row(self) -> tuple[Any, ...]:
@@ -255,6 +260,7 @@ class SandboxRecord:
             int(self.auto_resume),
             self.idempotency_key,
             self.traffic_token,
+            self.egress.to_json() if self.egress is not None else None,
         )
 
 
@@ -272,6 +278,7 @@ SANDBOX_COLUMNS = (
     "auto_resume",
     "idempotency_key",
     "traffic_token",
+    "egress",
 )
 
 

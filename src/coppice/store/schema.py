@@ -106,6 +106,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (template, tag)
     );
     """,
+    # 6: a sandbox's egress rules (NULL: the host's default), reapplied after a restart
+    """
+    ALTER TABLE sandboxes ADD COLUMN egress TEXT;
+    """,
 )
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from coppice.config import Limits
+from coppice.egress_policy import EgressPolicy
 from coppice.errors import (
     CapacityExceeded,
     Conflict,
@@ -534,6 +535,11 @@ class Store:
         rows = self._handed_out("WHERE s.id = ?", (sandbox_id,))
         return rows[0] if rows else None
 
+    def sandbox_at(self, substrate: str, ip: str) -> HandedOut | None:
+        """The sandbox holding `ip` on `substrate`'s network, if one is handed out."""
+        rows = self._handed_out("WHERE e.substrate = ? AND e.ip = ?", (substrate, ip))
+        return rows[0] if rows else None
+
     def find_idempotent(self, tenant: str, key: str) -> HandedOut | None:
         rows = self._handed_out("WHERE s.tenant = ? AND s.idempotency_key = ?", (tenant, key))
         return rows[0] if rows else None
@@ -565,6 +571,15 @@ class Store:
             cur = conn.execute(
                 "UPDATE sandboxes SET end_at = ?, timeout_s = ? WHERE id = ?",
                 (end_at, timeout_s, sandbox_id),
+            )
+            if cur.rowcount == 0:
+                raise EntryNotFound(sandbox_id)
+
+    def set_sandbox_egress(self, sandbox_id: str, egress: EgressPolicy | None) -> None:
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE sandboxes SET egress = ? WHERE id = ?",
+                (egress.to_json() if egress is not None else None, sandbox_id),
             )
             if cur.rowcount == 0:
                 raise EntryNotFound(sandbox_id)

@@ -7,17 +7,20 @@ checks) lives in `children.py`, `teardown.py` and `prerequisites.py`, once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from coppice.config import Limits, NetworkSettings
+from coppice.egress_policy import EgressPolicy
 from coppice.resource_usage import ResourceUsage
 from coppice.store.records import Handle, HeadProcess, TemplateRecord
 
 __all__ = [
     "AGENT_PORT",
     "SSH_PORT",
+    "EgressControl",
     "Handle",
     "HeadProcess",
     "HostObjects",
@@ -49,8 +52,29 @@ class HostObjects:
         return set().union(*self.by_kind.values()) if self.by_kind else set()
 
 
+class EgressControl(Protocol):
+    """What a driver's sandboxes may reach beyond the host, by sandbox address."""
+
+    @property
+    def internet_by_default(self) -> bool:
+        """The verdict for a sandbox without rules of its own."""
+
+    def set(self, ip: str, policy: EgressPolicy | None) -> None:
+        """Replace the sandbox's rules (None: back to the host's default)."""
+
+    def pin(self, ip: str, addresses: Iterable[str]) -> None:
+        """Let the sandbox reach `addresses`, answered for one of its allowed domains."""
+
+    def reset(self, policies: Mapping[str, EgressPolicy]) -> None:
+        """Hold exactly these rules, all others gone (a restart's view of the store)."""
+
+
 class Substrate(Protocol):
     name: str
+
+    @property
+    def egress(self) -> EgressControl:
+        """The host's firewall for this driver's sandboxes."""
 
     @property
     def network(self) -> NetworkSettings:

@@ -10,11 +10,12 @@ or point the gateway at an agent of its own (`agent`), such as a loopback envd a
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from coppice.config import NetworkSettings, Settings
+from coppice.egress_policy import EgressPolicy
 from coppice.errors import SandboxDied, SandboxNotReady, SubstrateError
 from coppice.resource_usage import ResourceUsage
 from coppice.substrates.base import AGENT_PORT, Handle, HostObjects, SpawnSpec
@@ -33,6 +34,31 @@ class FakeSandbox:
 
 
 @dataclass
+class FakeEgress:
+    """Egress rules kept in memory, by sandbox address, for tests to read."""
+
+    internet_by_default: bool = True
+    policies: dict[str, EgressPolicy] = field(default_factory=dict)
+    pinned: dict[str, set[str]] = field(default_factory=dict)
+
+    def set(self, ip: str, policy: EgressPolicy | None) -> None:
+        self.pinned.pop(ip, None)
+        if policy is None or policy.is_plain(self.internet_by_default):
+            self.policies.pop(ip, None)
+        else:
+            self.policies[ip] = policy
+
+    def pin(self, ip: str, addresses: Iterable[str]) -> None:
+        self.pinned.setdefault(ip, set()).update(addresses)
+
+    def reset(self, policies: Mapping[str, EgressPolicy]) -> None:
+        self.policies = {
+            ip: p for ip, p in policies.items() if not p.is_plain(self.internet_by_default)
+        }
+        self.pinned.clear()
+
+
+@dataclass
 class FakeSubstrate:
     settings: Settings
     name: str = "fake"
@@ -48,6 +74,7 @@ class FakeSubstrate:
     calls: list[tuple[str, str]] = field(default_factory=list)
     sandboxes: dict[str, FakeSandbox] = field(default_factory=dict)
     templates_forgotten: list[str] = field(default_factory=list)
+    egress: FakeEgress = field(default_factory=FakeEgress)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()

@@ -29,6 +29,7 @@ from coppice.errors import HostResourceExhausted, PrerequisiteMissing, Substrate
 from coppice.host import mounts
 from coppice.host.processes import ProcessIdentity
 from coppice.images.keys import generate_ed25519
+from coppice.net.egress_table import SandboxEgress
 from coppice.net.sandbox_link import SandboxLink
 from coppice.resource_usage import ResourceUsage
 from coppice.substrates import cgroups, readiness, seccomp
@@ -84,6 +85,7 @@ class JailSubstrate:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.link = SandboxLink(settings.jail_network, settings.namespace)
+        self.egress = SandboxEgress(settings, settings.jail_network)
         self._cgroups: cgroups.CgroupDriver | None = None
         self._children = Children()
         self._filter_path: Path | None = None
@@ -121,6 +123,7 @@ class JailSubstrate:
         self.check_prerequisites()
         ensure_subordinate_ids(self.settings)
         self.link.bridge.ensure()
+        self.egress.ensure()
         self.cgroups.prepare()
         self.settings.entries_dir.mkdir(parents=True, exist_ok=True)
         self._seccomp_filter()
@@ -132,6 +135,7 @@ class JailSubstrate:
         return self._filter_path
 
     def teardown_host(self) -> None:
+        self.egress.remove()
         self.link.bridge.remove()
         self.cgroups.remove_parent()
         for path in sorted(self.settings.run_dir.glob("seccomp-*.bpf")):
@@ -248,6 +252,8 @@ class JailSubstrate:
             ),
             ("etc/hostname", f"{spec.hostname}\n".encode(), 0o644),
             ("etc/hosts", f"127.0.0.1 localhost\n{spec.ip} {spec.hostname}\n".encode(), 0o644),
+            # the resolver the gateway runs on the bridge, which enforces domain rules
+            ("etc/resolv.conf", f"nameserver {self.network.gateway}\n".encode(), 0o644),
             ("etc/ssh/ssh_host_ed25519_key", host_key.private_openssh, 0o600),
             ("etc/ssh/ssh_host_ed25519_key.pub", f"{host_key.public_openssh}\n".encode(), 0o644),
         ]

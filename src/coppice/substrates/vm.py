@@ -28,6 +28,7 @@ from coppice.config import Limits, NetworkSettings, Settings
 from coppice.errors import PrerequisiteMissing, SubstrateError
 from coppice.host.processes import ProcessIdentity
 from coppice.images.keys import generate_ed25519
+from coppice.net.egress_table import SandboxEgress
 from coppice.net.tap import TapDevices, entry_tap_name
 from coppice.resource_usage import ResourceUsage
 from coppice.store.ipam import mac_for
@@ -79,6 +80,7 @@ class VmSubstrate:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.taps = TapDevices(settings.vm_network)
+        self.egress = SandboxEgress(settings, settings.vm_network)
         self.goldens = GoldenSnapshots(settings, self.taps)
         self._accel: accel.AccelChoice | None = None
         self._children = Children()
@@ -118,9 +120,11 @@ class VmSubstrate:
     def prepare_host(self) -> None:
         self.check_prerequisites()
         self.taps.bridge.ensure()
+        self.egress.ensure()
         self.vm_dir.mkdir(parents=True, exist_ok=True)
 
     def teardown_host(self) -> None:
+        self.egress.remove()
         self.taps.bridge.remove()
         for d in (self.vm_dir, self.settings.run_dir):
             if d.is_dir() and not any(d.iterdir()):
