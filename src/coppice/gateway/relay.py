@@ -53,7 +53,9 @@ class Relay:
         handed = gw.directory.get(target.sandbox_id)
         if handed is None:
             await gw.proxy.forget(target.sandbox_id)
-            raise SandboxNotRunning(target.sandbox_id)
+            token = request.headers.get("x-access-token", "")
+            died = await gw.quick(gw.service.death_of, target.sandbox_id, token) if token else None
+            raise SandboxNotRunning(target.sandbox_id, died)
         if needs_token(target, request.url.path, request.url.query) and not token_ok(
             handed, request
         ):
@@ -74,5 +76,8 @@ class Relay:
         except SandboxUnreachable:
             gw.directory.forget(target.sandbox_id)
             if not await gw.quick(gw.entry_alive, handed):
-                raise SandboxNotRunning(target.sandbox_id) from None
+                died = await gw.quick(gw.service.found_dead, handed)
+                # Recorded whoever asked; told only to a request proving it is the owner's.
+                shown = died if token_ok(handed, request) else None
+                raise SandboxNotRunning(target.sandbox_id, shown) from None
             raise
