@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,15 @@ def test_the_keepers_loop_finds_a_death_by_itself(deaths: Deaths) -> None:
     deaths.pool.fake.kill(handed.sandbox.id)
     assert wait_until(lambda: deaths.pool.store.get_tombstone(handed.sandbox.id) is not None)
     assert deaths.died(handed.sandbox.id).died is not None
+
+
+def test_two_finders_of_one_death_record_it_once_with_its_status(deaths: Deaths) -> None:
+    handed = deaths.create()
+    deaths.pool.fake.kill(handed.sandbox.id, exit_status=-9)
+    record = deaths.pool.controller.record_death
+    with ThreadPoolExecutor(4) as finders:
+        found = list(finders.map(lambda n: record(handed.entry, f"finder {n}"), range(4)))
+    assert sum(b is not None for b in found) == 1
+    kept = deaths.pool.store.get_tombstone(handed.sandbox.id)
+    assert kept is not None and kept.reason == "crashed"  # the status was not lost to a loser
+    assert deaths.count("coppice_sandbox_deaths_total", reason="crashed") == 1

@@ -156,7 +156,9 @@ class SandboxService:
     def found_dead(self, handed: HandedOut) -> DeathNotice | None:
         """Traffic found the sandbox's processes gone before the keeper did: record its death
         now (or read it, if someone else just did), so the caller hears why at once."""
-        died = self.keeper.bury(handed.entry, "the relay") or self._tombstone(handed.sandbox.id)
+        current = self.store.get_sandbox(handed.sandbox.id)  # the relay's copy may be stale
+        died = None if current is None else self.keeper.bury(current.entry, "the relay")
+        died = died or self._tombstone(handed.sandbox.id)
         return None if died is None else _notice(died)
 
     def death_of(self, sandbox_id: str, access_token: str) -> DeathNotice | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,9 @@ class PoolController:
         self.post_mortem = PostMortem()
         #: the host's boot time (unix seconds), for telling a host restart from a crash
         self.boot_time: Callable[[], float | None] = boot_time
+        #: one death examined at a time: two finders of the same death (the keeper, the
+        #: relay) must not split what it left (the exit status is read once) between them
+        self._examining = threading.Lock()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -321,14 +325,15 @@ class PoolController:
         if seen.state not in HANDED_OUT:
             applied = self.store.apply_if_unchanged(seen, Event.DIED, f"found dead by {noticed_by}")
             return None if applied is None else Buried(applied, None)
-        found = self.post_mortem.examine(sub, seen.id)
         memory_mb: int | None
         try:
             memory_mb = self._limits(self.store.get_template(seen.template)).memory_mb
         except CoppiceError:
             memory_mb = None  # its template was removed since
-        why = deaths.diagnose(found, seen.created_at, self.boot_time(), memory_mb)
-        buried = self.store.bury(seen, why.reason.value, why.detail, found.console_tail)
+        with self._examining:
+            found = self.post_mortem.examine(sub, seen.id)
+            why = deaths.diagnose(found, seen.created_at, self.boot_time(), memory_mb)
+            buried = self.store.bury(seen, why.reason.value, why.detail, found.console_tail)
         if buried is None:
             return None
         log.warning(
