@@ -5,8 +5,11 @@ the control plane and by in-sandbox traffic."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
-from collections.abc import Iterator
+import socketserver
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -203,3 +206,90 @@ def test_a_killed_sandbox_answers_as_before(gw: Gw) -> None:
     assert got.json() == {"code": 404, "message": f"sandbox {h.sandbox.id} was not found"}
     traffic = gw.request("GET", "/health", headers=_envd(h))
     assert traffic.json() == {"code": 502, "message": f"sandbox {h.sandbox.id} was not found"}
+
+
+# -- a stream broken by the death of its sandbox ------------------------------------------------
+
+FIRST_EVENT = b'{"event": {"start": {"pid": 7}}}'
+
+
+def _envelope(body: bytes, flags: int = 0) -> bytes:
+    return bytes([flags]) + len(body).to_bytes(4, "big") + body
+
+
+class _DyingAgent(socketserver.ThreadingTCPServer):
+    """Answers with one Connect envelope, then (as a killed agent's socket does) the
+    connection ends without the rest; `before_drop` runs just before."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    before_drop: Callable[[], None] = staticmethod(lambda: None)
+    split_envelope = False
+
+
+class _DyingHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        seen = b""
+        while b"\r\n\r\n" not in seen:
+            seen += self.request.recv(65536)
+        server = self.server
+        assert isinstance(server, _DyingAgent)
+        body = _envelope(FIRST_EVENT)
+        if server.split_envelope:
+            body += _envelope(FIRST_EVENT)[:7]  # the next envelope, cut inside
+        self.request.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/connect+json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n"
+        )
+        server.before_drop()
+        self.request.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture()
+def dying_agent() -> Iterator[_DyingAgent]:
+    server = _DyingAgent(("127.0.0.1", 0), _DyingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _start(gw: Gw, h: HandedOut, dying: _DyingAgent) -> httpx.Response:
+    gw.pool.fake.agent = dying.server_address[:2]  # type: ignore[assignment]
+    return gw.request(
+        "POST",
+        "/process.Process/Start",
+        content=_envelope(b"{}"),
+        headers={**_envd(h), "Content-Type": "application/connect+json"},
+    )
+
+
+def test_a_stream_cut_by_its_sandboxs_death_ends_saying_why(
+    gw: Gw, dying_agent: _DyingAgent
+) -> None:
+    h = gw.create("acme")
+    dying_agent.before_drop = lambda: gw.pool.fake.kill(h.sandbox.id, exit_status=137)
+    answer = _start(gw, h, dying_agent)
+    assert answer.status_code == 200
+    first = _envelope(FIRST_EVENT)
+    assert answer.content.startswith(first)
+    end = answer.content[len(first) :]
+    assert end[0] == 0x02 and int.from_bytes(end[1:5], "big") == len(end) - 5
+    error = json.loads(end[5:])["error"]
+    assert error["code"] == "unavailable"
+    assert error["message"].startswith(f"sandbox {h.sandbox.id} was not found: it died at ")
+    assert "killed by signal 9 (SIGKILL)" in error["message"]
+    assert gw.pool.store.get_tombstone(h.sandbox.id) is not None
+
+
+def test_a_stream_cut_inside_an_envelope_is_dropped_as_before(
+    gw: Gw, dying_agent: _DyingAgent
+) -> None:
+    h = gw.create("acme")
+    dying_agent.split_envelope = True
+    dying_agent.before_drop = lambda: gw.pool.fake.kill(h.sandbox.id, exit_status=137)
+    # The response is left incomplete (a server drops the connection: what a client of the
+    # sandbox itself would see), which httpx's ASGI transport reports by asserting.
+    with pytest.raises(AssertionError):
+        _start(gw, h, dying_agent)
