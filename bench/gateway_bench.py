@@ -5,6 +5,7 @@
 Starts `coppice serve` on a free loopback port (instance from Settings.load()), keeps the
 python pool at --pool entries, then times:
   create -> first command output    Sandbox.create() + commands.run("echo ok")
+  ... with egress rules              the same with network={"deny_out": [...]}
   create -> first run_code result   code_interpreter Sandbox.create() + run_code("1+1")
 at concurrency 1 and 10. Each sample's sandbox is killed afterwards (untimed), and every
 round starts when the pool is full again: the numbers are for a warm pool at rest, which is
@@ -89,8 +90,11 @@ def client_loop(conn: Connection, env: dict[str, str]) -> None:
         if kind is None:
             return
         t0 = time.perf_counter()
-        if kind == "command":
-            sbx = Sandbox.create()
+        if kind in ("command", "egress"):
+            # "egress": the same with rules of its own, whose firewall chain is set up
+            # before the create answers (a sandbox without rules costs the firewall nothing)
+            network = {"deny_out": ["203.0.113.0/24"]} if kind == "egress" else None
+            sbx = Sandbox.create(network=network)  # type: ignore[arg-type]
             result = sbx.commands.run("echo ok").stdout
             ok = result == "ok\n"
         else:
@@ -169,14 +173,17 @@ def main() -> None:
         for concurrency in (1, 10):
             for name, kind in (
                 ("create -> first command output", "command"),
+                ("create with egress rules -> first command output", "egress"),
                 ("create -> first run_code result", "code"),
             ):
                 key = f"{name} (concurrency {concurrency})"
+                if kind == "egress" and concurrency != 1:
+                    continue
                 samples = rounds(store, clients, kind, args.runs, concurrency, args.pool)
                 results[key] = percentiles(samples)
                 r = results[key]
                 print(
-                    f"{key:<50} p50 {r['p50']:7.2f} ms  p95 {r['p95']:7.2f} ms  "
+                    f"{key:<62} p50 {r['p50']:7.2f} ms  p95 {r['p95']:7.2f} ms  "
                     f"p99 {r['p99']:7.2f} ms  (n={r['n']:.0f})",
                     flush=True,
                 )

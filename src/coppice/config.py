@@ -118,6 +118,9 @@ class Settings:
     cold_start_wait_s: float = 30.0
     default_timeout_s: int = 300
     max_timeout_s: int = 86400
+    #: how long a sandbox that died (out of memory, a crash, a host restart) is remembered:
+    #: GET /sandboxes/{id} and its in-sandbox traffic answer when and why it died
+    dead_sandbox_keep_s: float = 3600.0
     #: template builds the gateway runs at once (each keeps CPUs busy; one template's builds
     #: always run one after the other)
     template_build_parallelism: int = 1

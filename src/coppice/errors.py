@@ -7,6 +7,10 @@ prints or exits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
 
 class CoppiceError(Exception):
     """Base of every error Coppice raises on purpose."""
@@ -17,6 +21,10 @@ class CoppiceError(Exception):
     http_status = 500
     #: E2B's machine-readable `error_code`, for the few errors the SDK tells apart by it
     error_code: str | None = None
+
+    def extra_json(self) -> dict[str, Any]:
+        """Fields the gateway's answer carries beside `code` and `message`."""
+        return {}
 
 
 class InvalidRequest(CoppiceError):
@@ -52,11 +60,50 @@ class NotFound(CoppiceError):
     http_status = 404
 
 
+@dataclass(frozen=True)
+class DeathNotice:
+    """Why a sandbox that died is gone, as the errors about it tell its owner."""
+
+    died_at: float
+    reason: str
+    detail: str
+    log_tail: tuple[str, ...] = ()
+
+    @property
+    def died_at_iso(self) -> str:
+        stamp = datetime.fromtimestamp(self.died_at, UTC).isoformat(timespec="seconds")
+        return stamp.replace("+00:00", "Z")
+
+    def sentence(self) -> str:
+        return f"it died at {self.died_at_iso}: {self.detail}"
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "state": "killed",
+            "reason": self.reason,
+            "diedAt": self.died_at_iso,
+            "detail": self.detail,
+            "logTail": list(self.log_tail),
+        }
+
+
+def _not_found_text(sandbox_id: str, died: DeathNotice | None) -> str:
+    # The SDK recognises "was not found" in this text as "sandbox not running".
+    tail = f": {died.sentence()}" if died is not None else ""
+    return f"sandbox {sandbox_id} was not found{tail}"
+
+
 class SandboxNotFound(NotFound):
-    def __init__(self, sandbox_id: str) -> None:
-        # The SDK recognises "was not found" in this text as "sandbox not running".
-        super().__init__(f"sandbox {sandbox_id} was not found")
+    """No such sandbox (any more). `died`: it died rather than being killed or timing out,
+    and its owner asks: the answer says when and why."""
+
+    def __init__(self, sandbox_id: str, died: DeathNotice | None = None) -> None:
+        super().__init__(_not_found_text(sandbox_id, died))
         self.sandbox_id = sandbox_id
+        self.died = died
+
+    def extra_json(self) -> dict[str, Any]:
+        return self.died.fields() if self.died is not None else {}
 
 
 class TemplateNotFound(NotFound):
@@ -145,9 +192,13 @@ class SandboxNotRunning(CoppiceError):
 
     http_status = 502
 
-    def __init__(self, sandbox_id: str) -> None:
-        super().__init__(f"sandbox {sandbox_id} was not found")
+    def __init__(self, sandbox_id: str, died: DeathNotice | None = None) -> None:
+        super().__init__(_not_found_text(sandbox_id, died))
         self.sandbox_id = sandbox_id
+        self.died = died
+
+    def extra_json(self) -> dict[str, Any]:
+        return self.died.fields() if self.died is not None else {}
 
 
 class SandboxUnreachable(SubstrateError):

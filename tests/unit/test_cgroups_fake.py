@@ -19,6 +19,7 @@ from coppice.substrates.cgroups import (
     V1_CONTROLLERS,
     CgroupV1,
     CgroupV2,
+    OomCounters,
     _wait_for,
     detect,
 )
@@ -288,6 +289,29 @@ def test_v1_remove_on_fake_cgroupfs(tmp_path: Path) -> None:
     cg.create("e2", Limits())
     with pytest.raises(SubstrateError):
         cg.remove("e2")  # fake: the limit files make the directories non-empty
+
+
+def test_v1_oom_counters_on_fake_cgroupfs(tmp_path: Path) -> None:
+    root = fake_v1(tmp_path)
+    cg = CgroupV1(PARENT, root)
+    cg.create("e1", Limits(memory_mb=256))
+    memory = root / "memory" / PARENT / "e1"
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
+    (memory / "memory.failcnt").write_text("17\n")
+    assert cg.oom_counters("e1") == OomCounters(3, 17, 256 * 1024 * 1024)
+    # A kernel before 4.13 has no oom_kill line: no kills known.
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\n")
+    assert cg.oom_counters("e1") == OomCounters(0, 17, 256 * 1024 * 1024)
+    assert cg.oom_counters("gone") is None
+
+
+def test_v2_oom_counters_on_fake_cgroupfs(tmp_path: Path) -> None:
+    root = fake_v2(tmp_path)
+    d = fake_v2_child(root, "e1")
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 2\noom_kill 2\n")
+    (d / "memory.max").write_text("max\n")
+    assert CgroupV2(PARENT, root).oom_counters("e1") == OomCounters(2, 9, 0)
+    assert CgroupV2(PARENT, root).oom_counters("gone") is None
 
 
 def test_write_to_a_missing_cgroup_is_a_substrate_error(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,6 +54,7 @@ from coppice.gateway.sandbox_logs import (
 )
 from coppice.gateway.sandbox_metrics import SandboxMetrics, metric_json
 from coppice.gateway.sandboxes import SandboxService
+from coppice.gateway.service_metrics import ServiceMetrics
 from coppice.gateway.signed_urls import is_presigned_files_request, signed_for
 from coppice.gateway.template_builds import BuildFunction, BuildService
 from coppice.gateway.template_routes import TEMPLATE_ROUTES
@@ -90,6 +92,15 @@ INIT_ATTEMPTS = 3
 
 
 async def create_sandbox(request: Request) -> Response:
+    started = time.perf_counter()
+    answer, template = await _create(request)
+    gw: Gateway = request.app.state.gateway
+    gw.service_metrics.created(template, time.perf_counter() - started)
+    return answer
+
+
+async def _create(request: Request) -> tuple[Response, str]:
+    """The create's answer, and the template that served it."""
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.CREATE)
     key = request.headers.get("idempotency-key")
@@ -104,8 +115,9 @@ async def create_sandbox(request: Request) -> Response:
     last: Exception | None = None
     for _ in range(INIT_ATTEMPTS):
         handed, fresh = await gw.slow(gw.service.create, req, who, key)
+        template = gw.template_of(handed)
         if not fresh:
-            return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=201)
+            return JSONResponse(sandbox_json(handed, template), status_code=201), template
         try:
             await _init_agent(gw, handed)
         except SandboxUnreachable as exc:
@@ -113,7 +125,7 @@ async def create_sandbox(request: Request) -> Response:
             last = exc
             await gw.quick(gw.service.kill, who, handed.sandbox.id)
             continue
-        return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=201)
+        return JSONResponse(sandbox_json(handed, template), status_code=201), template
     raise SubstrateError(f"sandboxes failed to start their agent: {last}")
 
 
@@ -352,8 +364,21 @@ async def gateway_health(_: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def service_metrics(request: Request) -> Response:
+    """Prometheus's scrape. Not E2B's (it has no such endpoint): its numbers span every
+    tenant, so it takes a key with the `metrics` scope (a bare key has every scope), sent as
+    a bearer token from the scrape config."""
+    gw: Gateway = request.app.state.gateway
+    _who(request, KeyScope.METRICS)
+    body, content_type = await gw.quick(
+        gw.service_metrics.exposition, request.headers.get("accept", "")
+    )
+    return Response(body, headers={"Content-Type": content_type})
+
+
 ROUTES = [
     Route("/health", gateway_health, methods=["GET"]),
+    Route("/metrics", service_metrics, methods=["GET"]),
     Route("/v2/sandboxes", create_sandbox, methods=["POST"]),
     Route("/sandboxes", create_sandbox, methods=["POST"]),
     Route("/v2/sandboxes", list_sandboxes, methods=["GET"]),
@@ -426,6 +451,7 @@ class GatewayApp:
             loop.call_soon_threadsafe(lambda: loop.create_task(gw.proxy.forget(sandbox_id)))
 
         gw.keeper.notices.subscribe(gw.directory.forget, ended)
+        gw.keeper.notices.subscribe(lambda _: None, gw.service_metrics.ended)
         gw.keeper.start()
         await anyio.to_thread.run_sync(gw.templates.builds.start)
         pruner = asyncio.create_task(self._prune_connections())
@@ -495,6 +521,8 @@ def build_gateway(
     unless a test gives its own)."""
     keys = KeyRing.from_settings(settings.api_keys, settings.api_keys_file)
     controller.respawn = False  # the keeper refills pools in the background
+    counted = ServiceMetrics()
+    controller.observer = counted
     sandbox_metrics = SandboxMetrics(controller)
     keeper = PoolKeeper(
         controller,
@@ -502,8 +530,9 @@ def build_gateway(
         notices=SandboxNotices(),
         on_tick=sandbox_metrics.sample_if_due,
     )
+    counted.watch_store(controller.store, keeper.targets)
     catalog = TemplateCatalog(controller.store, settings.limits)
-    service = SandboxService(settings, controller, keeper, catalog)
+    service = SandboxService(settings, controller, keeper, catalog, counted)
     directory = SandboxDirectory(controller.store.get_sandbox)
     builds = BuildService(
         controller.store,
@@ -524,6 +553,7 @@ def build_gateway(
             directory,
             templates,
             sandbox_metrics,
+            counted,
         )
     )
 

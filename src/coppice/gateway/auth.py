@@ -23,6 +23,8 @@ class Scope(enum.StrEnum):
     CREATE = "create"  # create sandboxes
     READ = "read"  # get, list, templates, metrics
     MANAGE = "manage"  # kill, timeout, pause, resume, connect
+    #: scrape GET /metrics: counts across every tenant, so an operator's, not a tenant's
+    METRICS = "metrics"
 
 
 ALL_SCOPES = frozenset(Scope)

@@ -16,6 +16,7 @@ from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.proxy import SandboxDirectory, SandboxProxy
 from coppice.gateway.sandbox_metrics import SandboxMetrics
 from coppice.gateway.sandboxes import SandboxService
+from coppice.gateway.service_metrics import ServiceMetrics
 from coppice.gateway.templates import TemplateService
 from coppice.pool.controller import PoolController
 from coppice.store.records import HandedOut
@@ -40,6 +41,8 @@ class Gateway:
     directory: SandboxDirectory
     templates: TemplateService
     metrics: SandboxMetrics
+    #: the service's own (Prometheus), where `metrics` are E2B's per-sandbox readings
+    service_metrics: ServiceMetrics
     _quick: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(QUICK_THREADS)
     )

@@ -23,7 +23,7 @@ def from_coppice(exc: CoppiceError) -> JSONResponse:
     headers = {}
     if isinstance(exc, PoolExhausted):
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    body: dict[str, Any] = {"code": exc.http_status, "message": str(exc)}
+    body: dict[str, Any] = {**exc.extra_json(), "code": exc.http_status, "message": str(exc)}
     if exc.error_code is not None:
         body["error_code"] = exc.error_code
     return JSONResponse(body, exc.http_status, headers=headers)

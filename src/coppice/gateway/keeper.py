@@ -1,6 +1,7 @@
 """The service's background duties, on threads of their own so no request waits for them:
 keep every configured pool at its target size, tear down killed sandboxes, act on expired
-timeouts (kill, or pause when the sandbox asked for auto-pause) and reconcile now and then.
+timeouts (kill, or pause when the sandbox asked for auto-pause), notice sandboxes that died
+(and say why), and reconcile now and then.
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ from coppice.errors import CoppiceError, EntryNotFound, IllegalTransition
 from coppice.gateway.notices import SandboxNotices
 from coppice.lifecycle import Event, State
 from coppice.pool.controller import PoolController
+from coppice.store.records import EntryRecord, TombstoneRecord
 from coppice.store.store import Applied
 
 log = logging.getLogger("coppice.keeper")
 #: the longest a template whose warms keep failing waits before the next attempt
 MAX_BACKOFF_S = 60.0
+#: how often handed-out sandboxes are checked for a death (a /proc read each)
+WATCH_EVERY_S = 1.0
+#: how often running sandboxes' OOM counters are read (a cgroup file each)
+OOM_READ_EVERY_S = 5.0
 
 
 class PoolKeeper:
@@ -31,8 +37,10 @@ class PoolKeeper:
         reconcile_every_s: float = 30.0,
         notices: SandboxNotices | None = None,
         on_tick: Callable[[float], None] | None = None,
+        oom_every_s: float = OOM_READ_EVERY_S,
     ) -> None:
-        """`on_tick`: something else the keeper's loop does each pass (metrics readings)."""
+        """`on_tick`: something else the keeper's loop does each pass (metrics readings);
+        `oom_every_s`: how often `watch` reads running sandboxes' OOM counters."""
         self.controller = controller
         self.store = controller.store
         #: what pool_targets says; templates it does not name keep their own pool_target
@@ -46,6 +54,9 @@ class PoolKeeper:
         self._warm_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refill")
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
         self._last_reconcile = time.monotonic()
+        self._last_watch = 0.0
+        self._last_oom_read = 0.0
+        self.oom_every_s = oom_every_s
         self.notices = notices or SandboxNotices()
         self.on_tick = on_tick
         #: templates whose warms failed: (monotonic time to try again, the delay used)
@@ -106,6 +117,9 @@ class PoolKeeper:
             self._wake.clear()
             try:
                 self.reap(time.time())
+                if time.monotonic() - self._last_watch >= WATCH_EVERY_S:
+                    self._last_watch = time.monotonic()
+                    self.watch()
                 self.refill()
                 if self.on_tick is not None:
                     self.on_tick(time.time())
@@ -114,6 +128,7 @@ class PoolKeeper:
                     report = self.controller.reconcile()
                     for problem in report.problems:
                         log.warning("reconcile: %s", problem)
+                    self.prune_tombstones(time.time())
             except Exception:
                 log.exception("pool keeper pass failed; retrying on the next tick")
             self._wake.wait(self.tick_s)
@@ -195,6 +210,49 @@ class PoolKeeper:
             except CoppiceError as exc:
                 log.warning("timeout of sandbox %s: %s", sandbox_id, exc)
         return acted
+
+    def watch(self) -> list[str]:
+        """Handed-out sandboxes whose processes are gone are recorded dead, with why, and
+        torn down; every few seconds, the OOM kills of the running ones are counted. Returns
+        the sandboxes found dead."""
+        read_oom = time.monotonic() - self._last_oom_read >= self.oom_every_s
+        if read_oom:
+            self._last_oom_read = time.monotonic()
+        dead = []
+        for handed in self.store.list_sandboxes():
+            entry = handed.entry
+            try:
+                sub = self.controller.substrate(entry.substrate)
+            except CoppiceError:
+                continue  # a driver this host lacks: reconcile reports it
+            if not sub.is_alive(entry.id, entry.handle):
+                if self.bury(entry, "the keeper") is not None:
+                    dead.append(entry.id)
+                continue
+            if read_oom and entry.state is State.IN_USE:
+                counted = self.controller.post_mortem.oom_counters(sub, entry.id)
+                if counted is not None:
+                    self.controller.observer.oom_kills_seen(
+                        entry.id, entry.template, counted.oom_kills
+                    )
+        return dead
+
+    def bury(self, entry: EntryRecord, noticed_by: str) -> TombstoneRecord | None:
+        """`entry` was found dead: record why, end what relays to it, tear it down behind.
+        None if it was not a handed-out sandbox, or someone else dealt with it first."""
+        try:
+            buried = self.controller.record_death(entry, noticed_by)
+        except CoppiceError as exc:
+            log.warning("recording the death of %s: %s", entry.id, exc)
+            return None
+        if buried is None:
+            return None
+        self.teardown(buried.applied)
+        return buried.tombstone
+
+    def prune_tombstones(self, now: float) -> int:
+        """Forget the deaths older than `dead_sandbox_keep_s`."""
+        return self.store.prune_tombstones(now - self.controller.settings.dead_sandbox_keep_s)
 
     def _guarded(self, what: str, entry_id: str, applied: Applied) -> None:
         try:

@@ -13,7 +13,7 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from coppice.errors import SandboxUnreachable
+from coppice.gateway.connect_stream import EnvelopeReader, end_stream_error, is_connect_stream
 from coppice.store.records import HandedOut
 from coppice.substrates.base import AGENT_PORT
 
@@ -41,6 +42,8 @@ HOP_HEADERS = frozenset(
         "host",
     }
 )
+#: asked when a relayed answer breaks mid-body: why, in words for the caller (None: unknown)
+BreakExplainer = Callable[[], Awaitable[str | None]]
 #: answer headers the gateway's own server sets; relaying the agent's as well repeats them
 _OWN_HEADERS = frozenset({"date", "server"})
 TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"  # noqa: S105 - a header name, not a secret
@@ -134,7 +137,14 @@ class SandboxProxy:
         for sandbox_id in list(self._clients):
             await self.forget(sandbox_id)
 
-    async def relay(self, request: Request, handed: HandedOut, host: str, port: int) -> Response:
+    async def relay(
+        self,
+        request: Request,
+        handed: HandedOut,
+        host: str,
+        port: int,
+        on_break: BreakExplainer | None = None,
+    ) -> Response:
         url = httpx.URL(
             scheme="http",
             host=host,
@@ -163,7 +173,7 @@ class SandboxProxy:
             # Refused, reset, or a kept-alive connection that died with its sandbox: the
             # caller finds out which (dead: "not found"; alive: the port is closed).
             raise SandboxUnreachable(handed.sandbox.id, port) from None
-        response = RelayedResponse(handed.sandbox.id, upstream)
+        response = RelayedResponse(handed.sandbox.id, upstream, on_break)
         # Verbatim, repeated headers included; the body is relayed undecoded, so its
         # Content-Encoding and Content-Length still hold.
         response.raw_headers = [
@@ -184,19 +194,42 @@ class RelayedResponse(StreamingResponse):
     connection is dropped without the final chunk, so its HTTP library raises a transport
     error, exactly as if it had been talking to the sandbox itself. The SDK turns that into
     "the sandbox was killed"; a clean end would read as a finished command or a whole file.
+
+    The one exception is a Connect stream broken between two envelopes whose sandbox
+    `on_break` finds dead: it ends with an error envelope saying why (an honest end: the
+    SDK raises it as "sandbox not running", with the reason in its text).
     """
 
-    def __init__(self, sandbox_id: str, upstream: httpx.Response) -> None:
+    def __init__(
+        self, sandbox_id: str, upstream: httpx.Response, on_break: BreakExplainer | None = None
+    ) -> None:
         super().__init__(self._body(), status_code=upstream.status_code)
         self.sandbox_id = sandbox_id
         self.upstream = upstream
+        self.on_break = on_break
+        plain = "content-encoding" not in upstream.headers
+        connect = plain and is_connect_stream(upstream.headers.get("content-type", ""))
+        self.envelopes = EnvelopeReader() if connect and on_break is not None else None
 
     async def _body(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self.upstream.aiter_raw():
+                if self.envelopes is not None:
+                    self.envelopes.feed(chunk)
                 yield chunk
         except Exception as exc:  # any way the upstream can break: reset, closed by forget()
-            raise _UpstreamBroke(f"{type(exc).__name__}: {exc}") from None
+            broke = f"{type(exc).__name__}: {exc}"
+            ending = await self._explained_end()
+            if ending is None:
+                raise _UpstreamBroke(broke) from None
+            log.info("relay from sandbox %s broke (%s); ended saying why", self.sandbox_id, broke)
+            yield ending
+
+    async def _explained_end(self) -> bytes | None:
+        if self.envelopes is None or self.on_break is None or not self.envelopes.can_end_with_error:
+            return None
+        why = await self.on_break()
+        return None if why is None else end_stream_error(why)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -4,6 +4,9 @@ and relayed. Errors leave through `http_errors` like the control plane's."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -27,9 +30,13 @@ from coppice.gateway.proxy import (
     traffic_allowed,
 )
 from coppice.lifecycle import State
+from coppice.store.records import HandedOut
 
 #: where GatewayApp leaves the target it found, so nothing downstream matches it again
 TARGET_KEY = "coppice.target"
+#: how long a stream that broke waits to see its sandbox's head end (it follows the agent
+#: within milliseconds); a sandbox alive after that broke for another reason
+DEATH_WAIT_S = 2.0
 
 
 class Relay:
@@ -53,7 +60,9 @@ class Relay:
         handed = gw.directory.get(target.sandbox_id)
         if handed is None:
             await gw.proxy.forget(target.sandbox_id)
-            raise SandboxNotRunning(target.sandbox_id)
+            token = request.headers.get("x-access-token", "")
+            died = await gw.quick(gw.service.death_of, target.sandbox_id, token) if token else None
+            raise SandboxNotRunning(target.sandbox_id, died)
         if needs_token(target, request.url.path, request.url.query) and not token_ok(
             handed, request
         ):
@@ -69,10 +78,34 @@ class Relay:
             gw.directory.forget(target.sandbox_id)
             if not await gw.quick(gw.service.auto_resume, target.sandbox_id):
                 raise SandboxIsPaused(target.sandbox_id)
+
+        async def why_it_broke() -> str | None:
+            return await self._why_it_broke(request, handed)
+
         try:
-            return await gw.proxy.relay(request, handed, *gw.dial(handed, target.port))
+            host, port = gw.dial(handed, target.port)
+            return await gw.proxy.relay(request, handed, host, port, why_it_broke)
         except SandboxUnreachable:
             gw.directory.forget(target.sandbox_id)
             if not await gw.quick(gw.entry_alive, handed):
-                raise SandboxNotRunning(target.sandbox_id) from None
+                died = await gw.quick(gw.service.found_dead, handed)
+                # Recorded whoever asked; told only to a request proving it is the owner's.
+                shown = died if token_ok(handed, request) else None
+                raise SandboxNotRunning(target.sandbox_id, shown) from None
             raise
+
+    async def _why_it_broke(self, request: Request, handed: HandedOut) -> str | None:
+        """A stream from the sandbox broke: if its sandbox died, why (recorded now if
+        nobody has yet), for a caller holding its token; None otherwise."""
+        gw = self.gateway
+        if gw.directory.get(handed.sandbox.id) is None:
+            return None  # killed or timed out meanwhile: not a death
+        deadline = time.monotonic() + DEATH_WAIT_S
+        while await gw.quick(gw.entry_alive, handed):
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.02)
+        died = await gw.quick(gw.service.found_dead, handed)
+        if died is None or not token_ok(handed, request):
+            return None
+        return str(SandboxNotRunning(handed.sandbox.id, died))

@@ -3,6 +3,7 @@ pool controller. The ASGI layer runs these in worker threads; nothing here knows
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import threading
 import time
@@ -14,20 +15,29 @@ from coppice.errors import (
     CapacityExceeded,
     Conflict,
     CoppiceError,
+    DeathNotice,
     EntryNotFound,
     IllegalTransition,
     NotFound,
     PoolExhausted,
+    SandboxDied,
     SandboxNotFound,
     TemplateNotFound,
 )
 from coppice.gateway.auth import Principal
 from coppice.gateway.catalog import TemplateCatalog
 from coppice.gateway.keeper import PoolKeeper
+from coppice.gateway.service_metrics import ServiceMetrics
 from coppice.gateway.wire import CreateRequest, ListQuery, encode_token, state_of
 from coppice.lifecycle import Event, State
 from coppice.pool.controller import PoolController
-from coppice.store.records import EntryRecord, HandedOut, SandboxRecord, TemplateRecord
+from coppice.store.records import (
+    EntryRecord,
+    HandedOut,
+    SandboxRecord,
+    TemplateRecord,
+    TombstoneRecord,
+)
 
 
 @dataclass(frozen=True)
@@ -45,12 +55,14 @@ class SandboxService:
         controller: PoolController,
         keeper: PoolKeeper,
         catalog: TemplateCatalog,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.controller = controller
         self.store = controller.store
         self.keeper = keeper
         self.catalog = catalog
+        self.metrics = metrics or ServiceMetrics()
         self._cold_starts = threading.BoundedSemaphore(settings.cold_start_parallelism)
 
     def limits(self, template: str) -> Limits:
@@ -104,6 +116,7 @@ class SandboxService:
         self, template: TemplateRecord, record: SandboxRecord, empty: PoolExhausted
     ) -> EntryRecord:
         if not self.settings.cold_start or not template.policy.cold_start:
+            self.metrics.rejected(template.name, "cold_start_off")
             raise empty
         # Every cold-start slot busy: wait (bounded) for a slot or for a refill to land in
         # the pool, whichever comes first, rather than answer 429 to a create the host
@@ -115,10 +128,12 @@ class SandboxService:
             except PoolExhausted:
                 pass
             if time.monotonic() > deadline:
+                self.metrics.rejected(template.name, "cold_start_busy")
                 raise PoolExhausted(template.name, retry_after_s=1.0) from None
         try:
             return self.controller.start_cold(template.name, record)
         except CapacityExceeded as exc:
+            self.metrics.rejected(template.name, "no_capacity")
             raise PoolExhausted(template.name, retry_after_s=2.0) from exc
         finally:
             self._cold_starts.release()
@@ -126,10 +141,38 @@ class SandboxService:
     # -- read -----------------------------------------------------------------------------------
 
     def get(self, who: Principal, sandbox_id: str) -> HandedOut:
+        """The caller's sandbox; if it is gone, a 404 that says when and why when it died."""
         handed = self.store.get_sandbox(sandbox_id)
-        if handed is None or handed.sandbox.tenant != who.tenant:
-            raise SandboxNotFound(sandbox_id)
-        return handed
+        if handed is not None and handed.sandbox.tenant == who.tenant:
+            return handed
+        died = self._tombstone(sandbox_id) if handed is None else None
+        if died is not None and died.tenant == who.tenant:
+            raise SandboxNotFound(sandbox_id, _notice(died))
+        raise SandboxNotFound(sandbox_id)
+
+    # -- deaths ---------------------------------------------------------------------------------
+
+    def _tombstone(self, sandbox_id: str) -> TombstoneRecord | None:
+        since = time.time() - self.settings.dead_sandbox_keep_s
+        return self.store.get_tombstone(sandbox_id, since)
+
+    def found_dead(self, handed: HandedOut) -> DeathNotice | None:
+        """Traffic found the sandbox's processes gone before the keeper did: record its death
+        now (or read it, if someone else just did), so the caller hears why at once."""
+        current = self.store.get_sandbox(handed.sandbox.id)  # the relay's copy may be stale
+        died = None if current is None else self.keeper.bury(current.entry, "the relay")
+        died = died or self._tombstone(handed.sandbox.id)
+        return None if died is None else _notice(died)
+
+    def death_of(self, sandbox_id: str, access_token: str) -> DeathNotice | None:
+        """Why a sandbox died, for in-sandbox traffic that carries its access token (the
+        only proof of ownership such traffic has); None for anyone else, or no death."""
+        died = self._tombstone(sandbox_id)
+        if died is None or not hmac.compare_digest(
+            access_token.encode(), died.access_token.encode()
+        ):
+            return None
+        return _notice(died)
 
     def page(self, who: Principal, query: ListQuery) -> Page:
         ordered = self.store.list_sandboxes(who.tenant)
@@ -232,6 +275,11 @@ class SandboxService:
             self.controller.resume_entry(sandbox_id)
         except (EntryNotFound, IllegalTransition):
             raise SandboxNotFound(sandbox_id) from None
+        except SandboxDied:
+            # Found dead by this resume, which recorded why: answer as a GET now would.
+            self.keeper.notices.ended(sandbox_id)
+            died = self._tombstone(sandbox_id)
+            raise SandboxNotFound(sandbox_id, None if died is None else _notice(died)) from None
         self.keeper.notices.changed(sandbox_id)
         seconds = timeout_s if timeout_s is not None else int(handed.sandbox.timeout_s)
         self.store.set_sandbox_deadline(sandbox_id, time.time() + seconds, seconds)
@@ -252,3 +300,7 @@ class SandboxService:
         except (SandboxNotFound, Conflict):
             return False
         return True
+
+
+def _notice(died: TombstoneRecord) -> DeathNotice:
+    return DeathNotice(died.died_at, died.reason, died.detail, died.log_tail)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,14 +26,20 @@ from coppice.errors import (
     SandboxDied,
     SubstrateError,
 )
+from coppice.host.boot import boot_time
 from coppice.host.processes import ProcessIdentity
 from coppice.lifecycle import Action, Event, State
+from coppice.pool import deaths
 from coppice.pool import reconcile as reconcile_rules
+from coppice.pool.observer import NoObserver, PoolObserver
 from coppice.progress import Progress, SilentProgress
 from coppice.store.records import EntryRecord, SandboxRecord, TemplateRecord
-from coppice.store.store import Applied, Store
+from coppice.store.store import HANDED_OUT, Applied, Buried, Store
 from coppice.substrates import registry
 from coppice.substrates.base import SpawnSpec, Substrate
+from coppice.substrates.post_mortem import PostMortem
+
+log = logging.getLogger("coppice.pool")
 
 log = logging.getLogger("coppice.pool")
 
@@ -78,6 +85,14 @@ class PoolController:
         #: substrates whose host set-up this process has done and not seen fail since: the
         #: set-up (nft, netlink, sysctl) is not repeated for every refill
         self._prepared: set[str] = set()
+        #: hears checkouts, cold starts, failed warms and deaths (the gateway's metrics)
+        self.observer: PoolObserver = NoObserver()
+        self.post_mortem = PostMortem()
+        #: the host's boot time (unix seconds), for telling a host restart from a crash
+        self.boot_time: Callable[[], float | None] = boot_time
+        #: one death examined at a time: two finders of the same death (the keeper, the
+        #: relay) must not split what it left (the exit status is read once) between them
+        self._examining = threading.Lock()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -180,6 +195,7 @@ class PoolController:
             return self.store.apply(entry.id, Event.READY).entry
         except (CoppiceError, OSError) as exc:
             error = exc if isinstance(exc, CoppiceError) else SubstrateError(str(exc))
+            self.observer.warm_failed(template.name)
             self._prepared.discard(sub.name)
             # Drained while it was warming: the drain tears it down instead.
             with contextlib.suppress(IllegalTransition, EntryNotFound):
@@ -189,6 +205,7 @@ class PoolController:
     # -- checkout / return --------------------------------------------------------------------
 
     def checkout(self, template_name: str, sandbox: SandboxRecord | None = None) -> EntryRecord:
+        started = time.perf_counter()
         template = self.store.get_template(template_name)
         sub = self.substrate(template.substrate)
         while True:
@@ -206,9 +223,11 @@ class PoolController:
             self._egress_or_return(entry, sandbox)
             try:
                 sub.resume(entry.id, entry.handle)
-                return entry
             except SubstrateError as exc:
                 self.perform(self.store.apply(entry.id, Event.DIED, str(exc)), self.respawn)
+                continue
+            self.observer.checked_out(template.name, time.perf_counter() - started)
+            return entry
 
     def start_cold(self, template_name: str, sandbox: SandboxRecord) -> EntryRecord:
         """Start one entry now and hand it straight out (the pool had none available). It
@@ -231,6 +250,7 @@ class PoolController:
                 self.perform(self.store.apply(fresh.id, Event.FAIL, str(exc)))
             raise SubstrateError(f"cold start of {fresh.id} was cancelled: {exc}") from exc
         self._egress_or_return(entry, sandbox)
+        self.observer.cold_started(template.name)
         return entry
 
     # -- egress -------------------------------------------------------------------------------
@@ -273,7 +293,9 @@ class PoolController:
         entry = self.store.get(entry_id)
         sub = self.substrate(entry.substrate)
         if not sub.is_alive(entry.id, entry.handle):
-            self.perform(self.store.apply(entry.id, Event.DIED, "found dead at resume"))
+            buried = self.record_death(entry, "resume")
+            if buried is not None:
+                self.perform(buried.applied, self.respawn)
             raise SandboxDied(entry.id)
         applied = self.store.apply(entry_id, Event.RESUME)
         self.perform(applied)
@@ -329,6 +351,39 @@ class PoolController:
             return False
         owner = ProcessIdentity(e.owner_pid, e.owner_start)
         return owner != self.store.owner and owner.is_running()
+
+    # -- deaths -------------------------------------------------------------------------------
+
+    def record_death(self, seen: EntryRecord, noticed_by: str) -> Buried | None:
+        """`seen` was found dead: read what it left (before any teardown removes it), say
+        why it died, and commit that with its DIED; the caller performs the teardown the
+        returned transition asks for. None if someone else dealt with it meanwhile. Only a
+        handed-out sandbox is examined: a pool entry dying is a warm pool's own affair."""
+        sub = self.substrate(seen.substrate)
+        if seen.state not in HANDED_OUT:
+            applied = self.store.apply_if_unchanged(seen, Event.DIED, f"found dead by {noticed_by}")
+            return None if applied is None else Buried(applied, None)
+        memory_mb: int | None
+        try:
+            memory_mb = self._limits(self.store.get_template(seen.template)).memory_mb
+        except CoppiceError:
+            memory_mb = None  # its template was removed since
+        with self._examining:
+            found = self.post_mortem.examine(sub, seen.id)
+            why = deaths.diagnose(found, seen.created_at, self.boot_time(), memory_mb)
+            buried = self.store.bury(seen, why.reason.value, why.detail, found.console_tail)
+        if buried is None:
+            return None
+        log.warning(
+            "sandbox %s (%s) died, found by %s: %s: %s",
+            seen.id,
+            seen.template,
+            noticed_by,
+            why.reason.value,
+            why.detail,
+        )
+        self.observer.sandbox_died(seen.id, seen.template, why.reason.value, why.oom_kills)
+        return buried
 
     # -- actions ------------------------------------------------------------------------------
 
@@ -396,10 +451,10 @@ class PoolController:
 
     def _fix(self, e: EntryRecord, report: ReconcileReport) -> None:
         def run() -> None:
-            applied = self.store.apply_if_unchanged(e, Event.DIED, "found dead by reconcile")
-            if applied is None:
+            buried = self.record_death(e, "reconcile")
+            if buried is None:
                 return  # someone else dealt with it meanwhile
-            replacement = self.perform(applied, self.respawn)
+            replacement = self.perform(buried.applied, self.respawn)
             if replacement is not None:
                 report.replaced.append(f"{e.id} -> {replacement.id}")
             else:

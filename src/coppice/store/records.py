@@ -290,6 +290,47 @@ class HandedOut:
     entry: EntryRecord
 
 
+@dataclass(frozen=True)
+class TombstoneRecord:
+    """A sandbox that died (not one killed by its user or its timeout): who had it, when it
+    died, why (`reason` a word, `detail` a sentence) and the last lines of its console. The
+    access token lets its in-sandbox traffic be told why too, and nobody else."""
+
+    id: str
+    tenant: str
+    template: str
+    access_token: str
+    died_at: float
+    reason: str
+    detail: str
+    log_tail: tuple[str, ...] = ()
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> TombstoneRecord:
+        return cls(
+            id=row["id"],
+            tenant=row["tenant"],
+            template=row["template"],
+            access_token=row["access_token"],
+            died_at=row["died_at"],
+            reason=row["reason"],
+            detail=row["detail"],
+            log_tail=tuple(json.loads(row["log_tail"])),
+        )
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.id,
+            self.tenant,
+            self.template,
+            self.access_token,
+            self.died_at,
+            self.reason,
+            self.detail,
+            json.dumps(list(self.log_tail)),
+        )
+
+
 #: a template build's states, E2B's names: requested (and queued), running, done, failed
 BUILD_STATUSES = ("waiting", "building", "ready", "error")
 

@@ -106,7 +106,22 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (template, tag)
     );
     """,
-    # 6: a sandbox's egress rules (NULL: the host's default), reapplied after a restart
+    # 6: sandboxes that died (out of memory, a crash, a host restart), remembered for a while
+    # so that their user is told why; one row per dead sandbox, pruned by age
+    """
+    CREATE TABLE tombstones (
+        id           TEXT PRIMARY KEY,
+        tenant       TEXT NOT NULL,
+        template     TEXT NOT NULL,
+        access_token TEXT NOT NULL,
+        died_at      REAL NOT NULL,
+        reason       TEXT NOT NULL,
+        detail       TEXT NOT NULL,
+        log_tail     TEXT NOT NULL
+    );
+    CREATE INDEX tombstones_died ON tombstones (died_at);
+    """,
+    # 7: a sandbox's egress rules (NULL: the host's default), reapplied after a restart
     """
     ALTER TABLE sandboxes ADD COLUMN egress TEXT;
     """,

@@ -46,6 +46,7 @@ from coppice.store.records import (
     TemplateBuildRecord,
     TemplateRecord,
     TemplateTagRecord,
+    TombstoneRecord,
 )
 from coppice.store.schema import migrate
 
@@ -58,6 +59,14 @@ class Applied:
 
     entry: EntryRecord
     actions: tuple[Action, ...]
+
+
+@dataclass(frozen=True)
+class Buried:
+    """A death recorded: the entry's DIED applied and, if it was handed out, its tombstone."""
+
+    applied: Applied
+    tombstone: TombstoneRecord | None
 
 
 def new_entry_id() -> str:
@@ -595,6 +604,63 @@ class Store:
             if row is None or row[0] != seen.updated_at or row[1] != seen.state.value:
                 return None
             return self._apply(conn, seen.id, event, detail)
+
+    # -- deaths -------------------------------------------------------------------------------
+
+    def bury(
+        self,
+        seen: EntryRecord,
+        reason: str,
+        detail: str,
+        log_tail: Sequence[str] = (),
+        died_at: float | None = None,
+    ) -> Buried | None:
+        """The entry was found dead: apply DIED and, if a sandbox was handed out on it, keep
+        its tombstone, in one transaction (so no reader sees the sandbox neither running nor
+        dead). None if someone else changed the entry since `seen` was read."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT updated_at, state FROM entries WHERE id = ?", (seen.id,)
+            ).fetchone()
+            if row is None or row[0] != seen.updated_at or row[1] != seen.state.value:
+                return None
+            owner = conn.execute(
+                "SELECT tenant, access_token FROM sandboxes WHERE id = ?", (seen.id,)
+            ).fetchone()
+            applied = self._apply(conn, seen.id, Event.DIED, f"{reason}: {detail}")
+            if owner is None:
+                return Buried(applied, None)
+            tombstone = TombstoneRecord(
+                id=seen.id,
+                tenant=owner[0],
+                template=seen.template,
+                access_token=owner[1],
+                died_at=time.time() if died_at is None else died_at,
+                reason=reason,
+                detail=detail,
+                log_tail=tuple(log_tail),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO tombstones (id, tenant, template, access_token,"
+                " died_at, reason, detail, log_tail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                tombstone.row(),
+            )
+            return Buried(applied, tombstone)
+
+    def get_tombstone(self, sandbox_id: str, since: float = 0.0) -> TombstoneRecord | None:
+        """The sandbox's tombstone if it died at `since` or later."""
+        row = (
+            self._conn()
+            .execute("SELECT * FROM tombstones WHERE id = ? AND died_at >= ?", (sandbox_id, since))
+            .fetchone()
+        )
+        return None if row is None else TombstoneRecord.from_row(row)
+
+    def prune_tombstones(self, before: float) -> int:
+        """Forget the sandboxes that died before `before`; returns how many."""
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM tombstones WHERE died_at < ?", (before,))
+        return cur.rowcount
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:

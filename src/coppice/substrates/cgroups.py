@@ -2,7 +2,7 @@
 
 Both drivers expose the same operations: create with limits, the files a launcher writes its
 pid into, freeze/thaw (waiting until the kernel reports the new state), the member pids,
-kill-everything, and removal. `detect()` picks the one the host runs.
+its OOM counters, kill-everything, and removal. `detect()` picks the one the host runs.
 """
 
 from __future__ import annotations
@@ -32,6 +32,31 @@ class CgroupUsage:
     mem_limit: int
 
 
+@dataclass(frozen=True)
+class OomCounters:
+    """What the memory controller counted for a cgroup: processes the OOM killer ended in
+    it, how often its usage reached the limit, and the limit itself (0: none)."""
+
+    oom_kills: int
+    limit_hits: int
+    limit_bytes: int
+
+
+def _counters(text: str) -> dict[str, int]:
+    """`key value` lines (memory.oom_control, memory.events) as numbers."""
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            found[key] = int(value)
+    return found
+
+
+def _limit(text: str) -> int:
+    value = text.strip()
+    return int(value) if value.isdigit() else 0
+
+
 def _processes_cpu_seconds(pids: list[int]) -> float:
     """CPU time of the live processes and of the children they have reaped. (Without the
     cpuacct controller, which v1 hosts mount apart from cpu, this is what is left to read;
@@ -56,6 +81,7 @@ class CgroupDriver(Protocol):
     def thaw(self, name: str) -> None: ...
     def pids(self, name: str) -> list[int]: ...
     def usage(self, name: str) -> CgroupUsage: ...
+    def oom_counters(self, name: str) -> OomCounters | None: ...
     def kill_all(self, name: str, timeout_s: float = 5.0) -> None: ...
     def remove(self, name: str) -> None: ...
     def names(self) -> set[str]: ...
@@ -163,6 +189,18 @@ class CgroupV1:
             mem_limit=int((memory / "memory.limit_in_bytes").read_text()),
         )
 
+    def oom_counters(self, name: str) -> OomCounters | None:
+        """None when the cgroup is gone. (`oom_kill` is in memory.oom_control from 4.13 on;
+        older kernels read as no kills.) A host limit reads as huge, not as 0."""
+        memory = self._dir("memory", name)
+        try:
+            control = _counters((memory / "memory.oom_control").read_text())
+            hits = int((memory / "memory.failcnt").read_text())
+            limit = _limit((memory / "memory.limit_in_bytes").read_text())
+        except (OSError, ValueError):
+            return None
+        return OomCounters(control.get("oom_kill", 0), hits, limit)
+
     def kill_all(self, name: str, timeout_s: float = 5.0) -> None:
         if not self._dir("freezer", name).is_dir():
             # create() was interrupted before the freezer existed, so the launcher (which runs
@@ -254,6 +292,15 @@ class CgroupV2:
             mem_cache=parse_memory_stat((d / "memory.stat").read_text()).get("file", 0),
             mem_limit=int(limit) if limit.isdigit() else 0,
         )
+
+    def oom_counters(self, name: str) -> OomCounters | None:
+        d = self._dir(name)
+        try:
+            events = _counters((d / "memory.events").read_text())
+            limit = _limit((d / "memory.max").read_text())
+        except OSError:
+            return None
+        return OomCounters(events.get("oom_kill", 0), events.get("max", 0), limit)
 
     def kill_all(self, name: str, timeout_s: float = 5.0) -> None:
         kill_file = self._dir(name) / "cgroup.kill"

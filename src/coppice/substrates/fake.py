@@ -3,8 +3,10 @@ the drivers (controller, keeper, gateway service, relay) without root, processes
 
 It is a driver like the others (one file, one registry line), which is the proof that a
 driver needs nothing beyond the `Substrate` protocol. What it adds is for tests: every call
-is recorded in `calls` in order, and a test can make it fail a spawn, never get ready, die,
-or point the gateway at an agent of its own (`agent`), such as a loopback envd app.
+is recorded in `calls` in order, and a test can make it fail a spawn, never get ready, die
+(with an exit status, as if its head had been reaped), give its sandboxes cgroups of a fake
+cgroupfs (`cgroups`, for their OOM counters), or point the gateway at an agent of its own
+(`agent`), such as a loopback envd app.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from coppice.egress_policy import EgressPolicy
 from coppice.errors import SandboxDied, SandboxNotReady, SubstrateError
 from coppice.resource_usage import ResourceUsage
 from coppice.substrates.base import AGENT_PORT, Handle, HostObjects, SpawnSpec
+from coppice.substrates.cgroups import CgroupDriver
+from coppice.substrates.children import EXITS
 
 #: a range no real bridge uses; nothing is ever configured on it
 FAKE_NETWORK = NetworkSettings(bridge="fake0", subnet="10.254.0.0/24", first_host=10, last_host=59)
@@ -75,6 +79,8 @@ class FakeSubstrate:
     sandboxes: dict[str, FakeSandbox] = field(default_factory=dict)
     templates_forgotten: list[str] = field(default_factory=list)
     egress: FakeEgress = field(default_factory=FakeEgress)
+    #: where each sandbox's cgroup is (named by its entry id), as the jail has one; None: none
+    cgroups: CgroupDriver | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -162,10 +168,13 @@ class FakeSubstrate:
 
     # -- what tests do to it ------------------------------------------------------------------
 
-    def kill(self, entry_id: str) -> None:
-        """The sandbox dies on its own (OOM, a host-side kill), leaving its host objects."""
+    def kill(self, entry_id: str, exit_status: int | None = None) -> None:
+        """The sandbox dies on its own (OOM, a host-side kill), leaving its host objects;
+        with `exit_status`, as a driver that reaped its head process would have seen it."""
         with self._lock:
             self.sandboxes[entry_id].alive = False
+        if exit_status is not None:
+            EXITS.record(entry_id, exit_status)
 
     def leave_behind(self, entry_id: str) -> None:
         """A host object the database does not know (a crash between spawn and record)."""
