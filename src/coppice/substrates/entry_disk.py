@@ -44,14 +44,15 @@ class EntryDisks:
             self.prepare()
             self._require_room(size_mb)
             copy_sparse(self._empty_image(size_mb), self.image(entry_id))
-            device = loop_devices.attach(self.image(entry_id))
-            mounts.mount(str(device), mount_point, "ext4", plan.MOUNT_FLAGS, plan.MOUNT_DATA)
+            with loop_devices.attached(self.image(entry_id)) as device:
+                mounts.mount(str(device), mount_point, "ext4", plan.MOUNT_FLAGS, plan.MOUNT_DATA)
         except OSError as exc:
             raise self._translated(exc, entry_id) from exc
 
     def release(self, entry_id: str) -> None:
-        """Once the entry's filesystem is unmounted: detach its loop device and delete the
-        image (the kernel frees the image's blocks when the device lets go of it)."""
+        """Once the entry's filesystem is unmounted: delete the image (the kernel frees its
+        blocks when the device lets go of it). The device detaches itself at the unmount;
+        one still attached (a crash between the steps, a lazy unmount) is detached here."""
         for device, backing in loop_devices.backing_files().items():
             if plan.entry_of_backing_file(backing, self.directory) == entry_id:
                 loop_devices.detach(device)
@@ -121,7 +122,7 @@ class EntryDisks:
             )
         if exc.errno == errno.ENODEV:
             return HostResourceExhausted(
-                f"{exc}; detach loop devices nobody uses, or load the loop module with a "
-                "larger max_loop"
+                f"{exc}; detach loop devices nobody uses (`losetup -l` lists them), or "
+                "load the loop module with a larger max_loop"
             )
         return SubstrateError(f"cannot make the disk of entry {entry_id}: {exc}")

@@ -55,7 +55,6 @@ REQUIRED_TOOLS = {
     "unshare": "util-linux",
     "newuidmap": "uidmap",
     "newgidmap": "uidmap",
-    "losetup": "util-linux",
     "mkfs.ext4": "e2fsprogs",
 }
 MIB = 1024 * 1024
