@@ -162,6 +162,11 @@ class Settings:
         return self.run_dir / "entries"
 
     @property
+    def entry_disks_dir(self) -> Path:
+        """Jail entries' disk images: on the host's disk, not in run_dir (a tmpfs)."""
+        return self.state_dir / "entry-disks"
+
+    @property
     def deb_cache_dir(self) -> Path:
         return self.cache_dir / "debs"
 

@@ -103,8 +103,8 @@ def cli_env(config_file: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def host_before() -> HostSnapshot:
-    return HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS)
+def host_before(settings: Settings) -> HostSnapshot:
+    return HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS, settings.entry_disks_dir)
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +115,7 @@ def controller(settings: Settings, host_before: HostSnapshot) -> Iterator[PoolCo
     for t in c.store.list_templates():
         c.drain(t.name)
     c.deinit_host()
-    after = HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS)
+    after = HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS, settings.entry_disks_dir)
     leaked = after.minus(host_before)
     assert not leaked, f"integration tests leaked host objects: {leaked}"
 

@@ -37,9 +37,14 @@ class HostSnapshot:
     netns: frozenset[str]
     cgroups: frozenset[str]
     processes: frozenset[str]
+    #: jail entry disks: files in the instance's disks directory, and loop devices over them
+    disk_images: frozenset[str] = frozenset()
+    loops: frozenset[str] = frozenset()
 
     @classmethod
-    def take(cls, namespace: str, bridges: tuple[str, ...] = ()) -> HostSnapshot:
+    def take(
+        cls, namespace: str, bridges: tuple[str, ...] = (), disks_dir: Path | None = None
+    ) -> HostSnapshot:
         """`bridges`: the instance's own; links of other test instances running beside it
         (on their own bridges) are theirs, not this one's leaks."""
         mounts = frozenset(
@@ -63,7 +68,15 @@ class HostSnapshot:
             ).stdout.splitlines()
             if f"/run/{namespace}/" in line
         )
-        return cls(mounts, links, netns, cgroups, procs)
+        images: frozenset[str] = frozenset()
+        loops: frozenset[str] = frozenset()
+        if disks_dir is not None:
+            if disks_dir.is_dir():
+                images = frozenset(str(p) for p in disks_dir.rglob("*") if p.is_file())
+            loops = frozenset(
+                f"{device} {backing}" for device, backing in loop_devices_under(disks_dir)
+            )
+        return cls(mounts, links, netns, cgroups, procs, images, loops)
 
     def minus(self, before: HostSnapshot) -> dict[str, set[str]]:
         diff = {
@@ -72,5 +85,24 @@ class HostSnapshot:
             "netns": set(self.netns - before.netns),
             "cgroups": set(self.cgroups - before.cgroups),
             "processes": set(self.processes - before.processes),
+            "disk images": set(self.disk_images - before.disk_images),
+            "loop devices": set(self.loops - before.loops),
         }
         return {k: v for k, v in diff.items() if v}
+
+
+def loop_devices_under(directory: Path) -> list[tuple[str, str]]:
+    """(device, backing file) of every loop device whose file is (or was) in `directory`,
+    as losetup lists them: read apart from the sysfs table the code under test uses."""
+    listed = subprocess.run(
+        ["losetup", "--list", "--noheadings", "--raw", "--output", "NAME,BACK-FILE"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found = []
+    for line in listed.splitlines():
+        device, _, backing = line.partition(" ")
+        if backing.startswith(f"{directory}/"):
+            found.append((device, backing))
+    return found

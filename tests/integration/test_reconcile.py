@@ -17,7 +17,7 @@ from coppice.substrates.base import AGENT_PORT
 from coppice.substrates.readiness import agent_health
 
 from .conftest import TEST_LINKS, TEST_NAMESPACE, run_cli
-from .hostscan import HostSnapshot
+from .hostscan import HostSnapshot, loop_devices_under
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,30 @@ def test_unknown_leftovers_are_removed(pool: PoolController) -> None:
     report = pool.reconcile()
     assert ghost in report.leftovers_removed
     assert ghost not in sub.host_objects().all_ids()
+
+
+def test_leaked_disk_images_and_loop_devices_are_removed(pool: PoolController) -> None:
+    """What a crash leaves of entry disks: an image on a loop device, an image alone (after
+    a reboot), and a loop device whose image is already deleted (a teardown cut short)."""
+    sub = pool.substrates["jail"]
+    disks = pool.settings.entry_disks_dir
+    disks.mkdir(parents=True, exist_ok=True)
+    attached, alone, unlinked = "0000d15c01", "0000d15c02", "0000d15c03"
+    for ghost in (attached, alone, unlinked):
+        with open(disks / f"{ghost}.img", "wb") as f:
+            f.truncate(16 * 2**20)
+    for ghost in (attached, unlinked):
+        subprocess.run(["losetup", "--find", str(disks / f"{ghost}.img")], check=True)
+    (disks / f"{unlinked}.img").unlink()
+    owners = sub.host_objects().by_kind
+    assert owners["disk images"] >= {attached, alone}
+    assert owners["loop devices"] >= {attached, unlinked}
+
+    report = pool.reconcile()
+    assert {attached, alone, unlinked} <= set(report.leftovers_removed), report
+    assert not sub.host_objects().all_ids() & {attached, alone, unlinked}
+    assert not loop_devices_under(disks)
+    assert not list(disks.glob("*.img"))
 
 
 def test_reconcile_command_reports(pool: PoolController, cli_env: dict[str, str]) -> None:

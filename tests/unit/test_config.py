@@ -34,6 +34,7 @@ def test_derived_paths() -> None:
     assert s.build_cache_dir == Path("/s/build-cache")
     assert s.keys_dir == Path("/s/keys")
     assert s.entries_dir == Path("/r/entries")
+    assert s.entry_disks_dir == Path("/s/entry-disks")  # on disk, never in the run dir
     assert s.deb_cache_dir == Path("/c/debs")
 
 

@@ -206,6 +206,7 @@ class BuildJail:
                 root,
                 "coppice-build",
                 seccomp_fd,
+                self.limits,
                 [*binds_argv, *net, "--die-with-parent", *env_argv, "--chdir", workdir],
             ),
             "--",

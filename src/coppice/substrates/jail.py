@@ -1,8 +1,10 @@
 """The `jail` substrate: Linux namespaces + cgroups + seccomp + an overlayfs root.
 
 Per entry, on the host:
-  /run/coppice/entries/<id>/          a tmpfs sized to the entry's disk limit, holding
-      upper/ work/ merged/            the overlay (template rootfs below, tmpfs above)
+  /var/lib/coppice/entry-disks/<id>.img   a sparse ext4 image as large as the entry's disk
+                                      limit, on a loop device (see entry_disk), mounted at
+  /run/coppice/entries/<id>/          the entry's directory, holding
+      upper/ work/ merged/            the overlay (template rootfs below, the disk above)
       console.log                     the jail's stdout/stderr, outside its reach
   /run/netns/<ns>-<id>                its network namespace (veth `copp<id>` on the bridge)
   /sys/fs/cgroup/.../<ns>/<id>        memory, pids, cpu and freezer limits
@@ -24,7 +26,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from coppice.config import NetworkSettings, Settings
+from coppice.config import Limits, NetworkSettings, Settings
 from coppice.errors import HostResourceExhausted, PrerequisiteMissing, SubstrateError
 from coppice.host import mounts
 from coppice.host.processes import ProcessIdentity
@@ -42,6 +44,7 @@ from coppice.substrates.base import (
     SpawnSpec,
 )
 from coppice.substrates.children import Children
+from coppice.substrates.entry_disk import EntryDisks
 from coppice.substrates.prerequisites import require_root, require_tools
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
@@ -53,7 +56,13 @@ REQUIRED_TOOLS = {
     "unshare": "util-linux",
     "newuidmap": "uidmap",
     "newgidmap": "uidmap",
+    "mkfs.ext4": "e2fsprogs",
 }
+MIB = 1024 * 1024
+#: /run holds pid files, locks and sockets (sshd, the sudo broker): kilobytes. Bounded, like
+#: every tmpfs of a jail, because its pages cannot be reclaimed: a full one holds memory of
+#: the sandbox's cgroup until the jail ends.
+RUN_TMPFS_MB = 32
 # What sshd and ordinary root work inside a jail need. Everything else (CAP_SYS_ADMIN,
 # CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE, ...) is dropped. They are capabilities of the
 # jail's own user namespace, never of the host.
@@ -89,6 +98,7 @@ class JailSubstrate:
         self._cgroups: cgroups.CgroupDriver | None = None
         self._children = Children()
         self._filter_path: Path | None = None
+        self.disks = EntryDisks(settings.entry_disks_dir)
 
     @property
     def network(self) -> NetworkSettings:
@@ -112,6 +122,10 @@ class JailSubstrate:
     def check_prerequisites(self) -> None:
         require_root(self.name)
         require_tools(REQUIRED_TOOLS)
+        if not Path("/dev/loop-control").exists():
+            raise PrerequisiteMissing(
+                "no /dev/loop-control: entry disks need loop devices; `modprobe loop`"
+            )
         max_ns = Path("/proc/sys/user/max_user_namespaces")
         if max_ns.exists() and max_ns.read_text().strip() == "0":
             raise PrerequisiteMissing(
@@ -126,6 +140,7 @@ class JailSubstrate:
         self.egress.ensure()
         self.cgroups.prepare()
         self.settings.entries_dir.mkdir(parents=True, exist_ok=True)
+        self.disks.prepare()
         self._seccomp_filter()
 
     def _seccomp_filter(self) -> Path:
@@ -141,6 +156,7 @@ class JailSubstrate:
         for path in sorted(self.settings.run_dir.glob("seccomp-*.bpf")):
             path.unlink()
         self._filter_path = None
+        self.disks.remove_empty_images()
         # Build steps mount their images under run_dir/build-mnt; empty once they end.
         build_mounts = self.settings.run_dir / "build-mnt"
         for d in (self.settings.entries_dir, build_mounts, self.settings.run_dir):
@@ -154,14 +170,8 @@ class JailSubstrate:
         entry_dir = self.entry_dir(spec.entry_id)
         merged = entry_dir / "merged"
         entry_dir.mkdir(parents=True, exist_ok=False)
+        self.disks.create(spec.entry_id, spec.limits.disk_mb, entry_dir)
         try:
-            mounts.mount(
-                "tmpfs",
-                entry_dir,
-                "tmpfs",
-                mounts.MS_NOSUID | mounts.MS_NODEV,
-                f"size={spec.limits.disk_mb}m,mode=0755",
-            )
             for sub in ("upper", "work", "merged"):
                 (entry_dir / sub).mkdir()
             os.chown(entry_dir / "upper", base, base)
@@ -176,7 +186,7 @@ class JailSubstrate:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise HostResourceExhausted(
-                    f"{exc}; free disk space or memory on the host"
+                    f"{exc}; the template's disk limit is too small for its first writes"
                 ) from exc
             raise SubstrateError(str(exc)) from exc
         self._inject_identity(merged, spec)
@@ -226,6 +236,7 @@ class JailSubstrate:
                 merged,
                 spec.hostname,
                 filter_fd,
+                spec.limits,
                 [
                     "--setenv", "PATH", DEFAULT_PATH,
                     "--setenv", "HOME", "/root",
@@ -284,9 +295,12 @@ class JailSubstrate:
         )
 
     def usage(self, entry_id: str, handle: Handle | None) -> ResourceUsage | None:
+        entry_dir = self.entry_dir(entry_id)
         try:
             cg = self.cgroups.usage(entry_id)
-            disk = os.statvfs(self.entry_dir(entry_id))  # the entry's own tmpfs
+            if not os.path.ismount(entry_dir):
+                return None  # not its own disk (yet, or any more): no made-up figures
+            disk = os.statvfs(entry_dir)  # the entry's own disk
         except (OSError, ValueError):
             return None  # gone meanwhile
         return ResourceUsage(
@@ -333,6 +347,7 @@ class JailSubstrate:
         entry_dir = self.entry_dir(entry_id)
         for point in mounts.mounts_under(entry_dir):
             teardown.attempt(f"unmount {point}", functools.partial(mounts.unmount, point))
+        teardown.attempt("remove disk", lambda: self.disks.release(entry_id))
         teardown.attempt("remove directory", lambda: rmtree_if_exists(entry_dir))
         teardown.attempt("remove network", lambda: self.link.remove(entry_id))
         teardown.attempt("remove cgroups", lambda: self.cgroups.remove(entry_id))
@@ -352,18 +367,45 @@ class JailSubstrate:
                 "network": self.link.entry_ids(),
                 "directories": dirs,
                 "mounts": mounted,
+                **self.disks.owners(),
             }
         )
 
 
+def shm_tmpfs_mb(limits: Limits) -> int:
+    """/dev/shm gets a quarter of the sandbox's memory: room for POSIX shared memory
+    (multiprocessing, DataLoader workers: twice Docker's 64 MiB at the default 512 MiB),
+    while a full one still leaves three quarters for the processes, the agent among them."""
+    return max(1, limits.memory_mb // 4)
+
+
+def tmpfs_argv(limits: Limits) -> list[str]:
+    """bwrap options for the jail's memory-backed mounts, every one bounded. /dev (bwrap's
+    --dev, a tmpfs holding the device nodes, which --size cannot bound) is made read-only
+    once /dev/shm is mounted below it: nothing needs to write files there."""
+    return [
+        "--dev", "/dev",
+        # 1777 as on any Linux: `user` makes semaphores and shared memory there too.
+        "--perms", "1777", "--size", str(shm_tmpfs_mb(limits) * MIB), "--tmpfs", "/dev/shm",
+        "--size", str(RUN_TMPFS_MB * MIB), "--tmpfs", "/run",
+        "--remount-ro", "/dev",
+    ]  # fmt: skip
+
+
 def isolation_argv(
-    settings: Settings, root: Path, hostname: str, seccomp_fd: int, extra: Sequence[str]
+    settings: Settings,
+    root: Path,
+    hostname: str,
+    seccomp_fd: int,
+    limits: Limits,
+    extra: Sequence[str],
 ) -> list[str]:
     """What a jail is, as a command prefix: a user namespace mapping root to the jail id
     range (unshare + newuidmap), then bwrap over `root` with its own mount, pid, ipc, uts
-    and cgroup namespaces, the jail's capabilities, its seccomp filter (an inherited fd) and
-    an empty environment. `extra`: more bwrap options (binds, env, cwd) before the command,
-    which follows after "--". Build steps run in the same jail as sandboxes do."""
+    and cgroup namespaces, bounded tmpfs mounts sized from `limits`, the jail's
+    capabilities, its seccomp filter (an inherited fd) and an empty environment. `extra`:
+    more bwrap options (binds, env, cwd) before the command, which follows after "--".
+    Build steps run in the same jail as sandboxes do."""
     ids = f"{settings.jail_uid_base},0,{settings.jail_uid_count}"
     caps: list[str] = []
     for cap in CAPABILITIES:
@@ -374,9 +416,7 @@ def isolation_argv(
         "bwrap",
         "--bind", str(root), "/",
         "--proc", "/proc",
-        "--dev", "/dev",
-        "--tmpfs", "/dev/shm",
-        "--tmpfs", "/run",
+        *tmpfs_argv(limits),
         "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
         "--hostname", hostname,
         "--new-session",
