@@ -1,9 +1,10 @@
 """The `vm` substrate: QEMU microVMs, each a copy-on-write clone of a warm golden snapshot.
 
 Per entry, on the host:
-  /run/coppice/vm/<id>/overlay.qcow2   its root disk (empty overlay on the template image;
-                                       the guest mounts it read-only under a tmpfs overlay)
-                      console.log      the guest's serial console
+  /var/lib/coppice/vm-disks/<id>.qcow2 its writable disk (vm_disk): the upper layer of the
+                                       guest's overlay root, sized to the template's disk_mb,
+                                       a qcow2 overlay on the golden's disk
+  /run/coppice/vm/<id>/console.log     the guest's serial console
                       qemu.log         QEMU's own output
                       qmp.sock         QEMU's monitor (pause = stop, resume = cont)
                       identity.sock    the virtio-serial port its new identity goes through
@@ -18,7 +19,6 @@ host key; the golden's are inside the snapshot.
 from __future__ import annotations
 
 import functools
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -60,8 +60,13 @@ from coppice.substrates.qemu_cmdline import (
 )
 from coppice.substrates.qmp_channel import QmpChannel
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
+from coppice.substrates.vm_disk import WritableDisks
 
-REQUIRED_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils"}
+REQUIRED_TOOLS = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "mkfs.ext4": "e2fsprogs",
+}
 #: how long a restored clone may take to apply its identity (TCG guests are slow)
 IDENTITY_TIMEOUT_S = 30.0
 #: how long wait_ready lets a ready guest finish its background work before it is paused
@@ -80,6 +85,8 @@ class VmSubstrate:
         self.settings = settings
         self.taps = TapDevices(settings.vm_network)
         self.goldens = GoldenSnapshots(settings, self.taps)
+        # On the host's disk, not /run: what a sandbox writes must not cost host RAM.
+        self.disks = WritableDisks(settings.state_dir / "vm-disks")
         self._accel: accel.AccelChoice | None = None
         self._children = Children()
 
@@ -119,9 +126,11 @@ class VmSubstrate:
         self.check_prerequisites()
         self.taps.bridge.ensure()
         self.vm_dir.mkdir(parents=True, exist_ok=True)
+        self.disks.root.mkdir(parents=True, exist_ok=True)
 
     def teardown_host(self) -> None:
         self.taps.bridge.remove()
+        self.disks.remove_root_if_empty()
         for d in (self.vm_dir, self.settings.run_dir):
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
@@ -142,8 +151,7 @@ class VmSubstrate:
         entry_dir = self.entry_dir(spec.entry_id)
         entry_dir.mkdir(parents=True, exist_ok=False)
         started = time.monotonic()
-        overlay = entry_dir / "overlay.qcow2"
-        shutil.copyfile(golden.overlay_seed, overlay)
+        disk = self.disks.create(spec.entry_id, Path(golden.writable_seed))
         tap = entry_tap_name(spec.entry_id)
         mac = mac_for(spec.ip)
         self.taps.create(tap)
@@ -153,7 +161,9 @@ class VmSubstrate:
             memory_mb=golden.memory_mb,
             kernel=image.kernel,
             initrd=image.initrd,
-            overlay=overlay,
+            root_disk=image.disk,
+            writable_disk=disk,
+            writable_format="qcow2",
             tap=tap,
             mac=mac,
             ram_file=Path(golden.ram_file),
@@ -180,6 +190,7 @@ class VmSubstrate:
             "tap": tap,
             "entry_dir": str(entry_dir),
             "golden": golden_key(spec.template),
+            "disk": str(disk),
         }
         message = identity_message(
             ip=spec.ip,
@@ -301,6 +312,7 @@ class VmSubstrate:
                 functools.partial(qemu_process.kill_and_wait, ident, mine),
             )
         teardown.attempt("remove tap", lambda: self.taps.remove(entry_tap_name(entry_id)))
+        teardown.attempt("remove disk", lambda: self.disks.remove(entry_id))
         teardown.attempt("remove directory", lambda: rmtree_if_exists(entry_dir))
         teardown.finish()
 
@@ -313,6 +325,7 @@ class VmSubstrate:
                 "taps": self.taps.entry_ids(),
                 "directories": dirs,
                 "qmp_sockets": {d for d in dirs if (self.entry_dir(d) / "qmp.sock").exists()},
+                "disks": self.disks.entry_ids(),
             }
         )
 
