@@ -136,6 +136,13 @@ def test_a_write_past_the_disk_is_enospc_and_the_guest_keeps_answering(
     assert written <= allocated_bytes(disk) <= limits.disk_mb * MIB
     assert disk.stat().st_size <= limits.disk_mb * MIB
 
+    usage = vm.usage(e.id, e.handle)
+    assert usage is not None
+    assert usage.disk_total == writable_disk_bytes(limits.disk_mb)
+    assert written <= usage.disk_used <= usage.disk_total
+    assert usage.cpu_seconds > 0
+    assert 0 < usage.mem_used <= usage.mem_total == limits.memory_mb * MIB
+
     # Deleting gives the space back, in the guest and on the host (discard).
     _ssh(pool, e.ip, "rm /home/user/fill-1 /home/user/fill-2 && sync")
     assert _ssh(pool, e.ip, "echo ok > /home/user/after && cat /home/user/after").strip() == "ok"

@@ -60,7 +60,8 @@ from coppice.substrates.qemu_cmdline import (
 )
 from coppice.substrates.qmp_channel import QmpChannel
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
-from coppice.substrates.vm_disk import WritableDisks
+from coppice.substrates.vm_disk import WritableDisks, writable_disk_bytes
+from coppice.substrates.vm_usage import read_usage
 
 REQUIRED_TOOLS = {
     "qemu-system-x86_64": "qemu-system-x86",
@@ -191,6 +192,10 @@ class VmSubstrate:
             "entry_dir": str(entry_dir),
             "golden": golden_key(spec.template),
             "disk": str(disk),
+            "disk_bytes": writable_disk_bytes(golden.disk_mb),
+            "disk_backing": golden.writable_disk,
+            "ram_file": golden.ram_file,
+            "memory_mb": golden.memory_mb,
         }
         message = identity_message(
             ip=spec.ip,
@@ -250,9 +255,21 @@ class VmSubstrate:
             qemu_process.wait_until_idle(handle.head.pid, timeout_s=SETTLE_TIMEOUT_S)
 
     def usage(self, entry_id: str, handle: Handle | None) -> ResourceUsage | None:
-        # What the guest uses is the guest's to say (a balloon or the agent); the QEMU
-        # process's own numbers would be the whole VM's RAM, not the sandbox's use.
-        return None
+        """Read from the host side, without asking the guest: see vm_usage for what each
+        number is."""
+        if handle is None or handle.head is None or not handle.head.identity.is_running():
+            return None
+        own = handle.driver
+        if "disk" not in own:
+            return None  # spawned before entries had a disk of their own
+        return read_usage(
+            pid=handle.head.pid,
+            ram_file=Path(str(own["ram_file"])),
+            memory_bytes=int(own["memory_mb"]) * 2**20,
+            disk=Path(str(own["disk"])),
+            disk_backing=Path(str(own["disk_backing"])),
+            disk_bytes=int(own["disk_bytes"]),
+        )
 
     def console_log(self, entry_id: str) -> Path:
         return self.entry_dir(entry_id) / "console.log"
