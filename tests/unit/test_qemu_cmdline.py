@@ -17,6 +17,7 @@ from coppice.substrates.qemu_cmdline import (
     load_uri,
     qemu_argv,
     save_uri,
+    tsc_khz_from_cpuinfo,
 )
 
 GOLDEN = MachineSpec(
@@ -174,3 +175,23 @@ def test_migration_uris_quote_paths() -> None:
     assert ignore_shared_capability() == {
         "capabilities": [{"capability": "x-ignore-shared", "state": True}]
     }
+
+
+CPUINFO = """\
+processor	: 0
+model name	: AMD EPYC
+cpu MHz		: 2596.096
+flags		: fpu tsc constant_tsc nonstop_tsc tsc_known_freq rdtscp
+processor	: 1
+cpu MHz		: 1800.000
+"""
+
+
+def test_a_boot_whose_tsc_calibration_hung_is_told_the_hosts_rate() -> None:
+    assert tsc_khz_from_cpuinfo(CPUINFO) == 2596096
+    # Without a known, constant TSC, "cpu MHz" is the current clock, not the TSC's rate.
+    assert tsc_khz_from_cpuinfo(CPUINFO.replace(" tsc_known_freq", "")) is None
+    assert tsc_khz_from_cpuinfo("processor\t: 0\n") is None
+    argv = qemu_argv(replace(GOLDEN, tsc_khz=2596096))
+    assert _value(argv, "-append").split()[-1] == "tsc_early_khz=2596096"
+    assert "tsc_early_khz" not in _value(qemu_argv(GOLDEN), "-append")

@@ -49,6 +49,7 @@ from coppice.substrates.qemu_cmdline import (
     ignore_shared_capability,
     qemu_argv,
     save_uri,
+    tsc_khz_from_cpuinfo,
 )
 from coppice.substrates.qmp_channel import QmpChannel
 from coppice.substrates.vm_disk import make_golden_disk, make_seed, writable_disk_bytes
@@ -61,6 +62,8 @@ BOOT_ATTEMPTS = 3
 #: against PIT"), which happened to roughly one boot in ten here, and is booted again
 BOOT_STALL_S = 45.0
 INIT_MARKER = b"Run /init as init process"
+#: what a boot that hung in the TSC's calibration printed; the next boot is told the rate
+PIT_CALIBRATION_FAILED = b"tsc: Unable to calibrate against PIT"
 log = logging.getLogger("coppice.vm")
 SHM_DIR = Path("/dev/shm")
 KERNEL, INITRD, DISK = "vmlinux", "initrd.img", "rootfs.ext4"
@@ -267,15 +270,18 @@ class GoldenSnapshots:
     ) -> float:
         # An emulated boot can wedge early (a lost timer tick); a second boot costs less
         # than failing every spawn of the template until someone looks.
+        tsc_khz: int | None = None
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             try:
-                return self._boot_and_save(template, image, limits, accel, run, ram, work)
+                return self._boot_and_save(template, image, limits, accel, run, ram, work, tsc_khz)
             except SubstrateError as exc:
                 if attempt == BOOT_ATTEMPTS:
                     raise
                 log.warning(
                     "golden VM of %s failed to boot (%s); booting again", template.name, exc
                 )
+                if PIT_CALIBRATION_FAILED in _read(run / "console.log"):
+                    tsc_khz = tsc_khz_from_cpuinfo(_read(Path("/proc/cpuinfo")).decode())
                 shutil.copyfile(run / "console.log", work / f"console-failed-{attempt}.log")
                 for leftover in ("console.log", "qemu.log", "qmp.sock", "identity.sock"):
                     (run / leftover).unlink(missing_ok=True)
@@ -292,6 +298,7 @@ class GoldenSnapshots:
         run: Path,
         ram: Path,
         work: Path,
+        tsc_khz: int | None,
     ) -> float:
         net = self.settings.vm_network
         ip = str(net.network.network_address + 2)
@@ -315,6 +322,7 @@ class GoldenSnapshots:
                 f"{ip}/{net.prefixlen}", str(net.gateway), "golden", limits.disk_mb, "golden"
             ),
             incoming=False,
+            tsc_khz=tsc_khz,
         )
         self.taps.create(tap)
         started = time.monotonic()
@@ -374,6 +382,13 @@ def _booting(proc: subprocess.Popen[bytes], console: Path, started: float) -> bo
                 f"{_tail(console)}"
             )
     return True
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 def _size(path: Path) -> int:

@@ -80,9 +80,30 @@ class MachineSpec:
     incoming: bool
     #: TCG translation cache size; None leaves QEMU's default (up to 1 GiB, grown on use)
     tb_size_mb: int | None = None
+    #: the TSC rate the kernel is told instead of measuring it (see tsc_khz_from_cpuinfo)
+    tsc_khz: int | None = None
 
 
-def kernel_cmdline(guest: GuestIdentity) -> str:
+def tsc_khz_from_cpuinfo(cpuinfo: str) -> int | None:
+    """The host's TSC rate, which is the guest's under TCG (its rdtsc reads the host's), for
+    a kernel whose calibration against the PIT failed: on a busy host the emulated PIT
+    ticks too unevenly ("tsc: Unable to calibrate against PIT") and the boot then hangs.
+    Only a host whose TSC runs at a known, constant rate says it here."""
+    flags: set[str] = set()
+    mhz = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "cpu MHz" and mhz is None:
+            mhz = float(value)
+    if mhz is None or not {"constant_tsc", "tsc_known_freq"} <= flags:
+        return None
+    return round(mhz * 1000)
+
+
+def kernel_cmdline(guest: GuestIdentity, tsc_khz: int | None = None) -> str:
     return " ".join(
         (
             *TUNED_KERNEL_ARGS,
@@ -93,6 +114,7 @@ def kernel_cmdline(guest: GuestIdentity) -> str:
             f"coppice.entry={guest.entry_id}",
             f"coppice.root_serial={ROOT_SERIAL}",
             f"coppice.rw_serial={WRITABLE_SERIAL}",
+            *([f"tsc_early_khz={tsc_khz}"] if tsc_khz is not None else []),
         )
     )
 
@@ -111,7 +133,7 @@ def qemu_argv(spec: MachineSpec, binary: str = "qemu-system-x86_64") -> list[str
             "-initrd",
             str(spec.initrd),
             "-append",
-            kernel_cmdline(spec.guest),
+            kernel_cmdline(spec.guest, spec.tsc_khz),
         ]
     )
     argv = [
