@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 
 from coppice.substrates.qemu_cmdline import (
     IDENTITY_PORT,
+    ROOT_SERIAL,
+    WRITABLE_SERIAL,
     GuestIdentity,
     MachineSpec,
     ignore_shared_capability,
     kernel_cmdline,
     load_uri,
-    overlay_argv,
     qemu_argv,
     save_uri,
+    tsc_khz_from_cpuinfo,
 )
 
 GOLDEN = MachineSpec(
@@ -22,7 +25,9 @@ GOLDEN = MachineSpec(
     memory_mb=512,
     kernel=Path("/t/vm/vmlinux"),
     initrd=Path("/t/vm/initrd.img"),
-    overlay=Path("/run/c/vm-golden/k/overlay.qcow2"),
+    root_disk=Path("/t/vm/rootfs.ext4"),
+    writable_disk=Path("/s/vm-golden/.k.tmp-1/writable.raw"),
+    writable_format="raw",
     tap="cgold1234abcd",
     mac="02:c0:0a:4d:00:02",
     ram_file=Path("/dev/shm/coppice-vm-k.ram"),
@@ -35,7 +40,8 @@ GOLDEN = MachineSpec(
 )
 CLONE = replace(
     GOLDEN,
-    overlay=Path("/run/c/vm/abc/overlay.qcow2"),
+    writable_disk=Path("/s/vm-disks/abc.qcow2"),
+    writable_format="qcow2",
     tap="ctapabc",
     mac="02:c0:0a:4d:00:39",
     share_ram=False,
@@ -104,6 +110,7 @@ def test_clone_devices_match_the_golden_in_kind_and_order() -> None:
         == devices(qemu_argv(CLONE))
         == [
             "virtio-blk-device",
+            "virtio-blk-device",
             "virtio-net-device",
             "virtio-serial-device",
             "virtserialport",
@@ -111,9 +118,35 @@ def test_clone_devices_match_the_golden_in_kind_and_order() -> None:
     )
 
 
+def test_template_disk_is_shared_read_only_and_the_writable_disk_is_the_vms_own() -> None:
+    golden, clone = qemu_argv(GOLDEN), qemu_argv(CLONE)
+    root = "id=d0,file=/t/vm/rootfs.ext4,if=none,format=raw,readonly=on"
+    assert _values(golden, "-drive")[0] == _values(clone, "-drive")[0] == root
+    assert _values(golden, "-drive")[1] == (
+        "id=d1,file=/s/vm-golden/.k.tmp-1/writable.raw,if=none,format=raw,"
+        "cache=unsafe,discard=unmap"
+    )
+    assert _values(clone, "-drive")[1] == (
+        "id=d1,file=/s/vm-disks/abc.qcow2,if=none,format=qcow2,cache=unsafe,discard=unmap"
+    )
+    # The guest finds each disk by its serial, whatever order the kernel probes them in.
+    assert _values(clone, "-device")[:2] == [
+        f"virtio-blk-device,drive=d0,serial={ROOT_SERIAL}",
+        f"virtio-blk-device,drive=d1,serial={WRITABLE_SERIAL}",
+    ]
+    append = _value(golden, "-append").split()
+    assert f"coppice.root_serial={ROOT_SERIAL}" in append
+    assert f"coppice.rw_serial={WRITABLE_SERIAL}" in append
+    assert len(ROOT_SERIAL) <= 20 and len(WRITABLE_SERIAL) <= 20  # VIRTIO_BLK_ID_BYTES
+
+
+def test_initramfs_init_reads_the_serials_the_command_line_names() -> None:
+    text = resources.files("coppice.guest").joinpath("initramfs-init.sh").read_text()
+    assert "coppice.root_serial=*)" in text and "coppice.rw_serial=*)" in text
+
+
 def test_per_vm_plumbing() -> None:
     argv = qemu_argv(CLONE)
-    assert _value(argv, "-drive") == "id=d0,file=/run/c/vm/abc/overlay.qcow2,if=none,format=qcow2"
     assert _value(argv, "-netdev") == "tap,id=n0,ifname=ctapabc,script=no,downscript=no"
     assert "virtio-net-device,netdev=n0,mac=02:c0:0a:4d:00:39" in _values(argv, "-device")
     assert (
@@ -130,25 +163,10 @@ def test_kvm_takes_no_translation_cache_size() -> None:
 
 
 def test_kernel_cmdline_carries_the_entry() -> None:
-    assert kernel_cmdline(CLONE.guest).endswith(
+    assert (
         "coppice.ip=10.77.0.57/24 coppice.gw=10.77.0.1 coppice.hostname=python-vm-1 "
         "coppice.disk_mb=1024 coppice.entry=abc"
-    )
-
-
-def test_overlay_is_qcow2_on_the_raw_template_disk() -> None:
-    assert overlay_argv(Path("/t/vm/rootfs.ext4"), Path("/e/overlay.qcow2")) == [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/t/vm/rootfs.ext4",
-        "-F",
-        "raw",
-        "/e/overlay.qcow2",
-    ]
+    ) in kernel_cmdline(CLONE.guest)
 
 
 def test_migration_uris_quote_paths() -> None:
@@ -157,3 +175,23 @@ def test_migration_uris_quote_paths() -> None:
     assert ignore_shared_capability() == {
         "capabilities": [{"capability": "x-ignore-shared", "state": True}]
     }
+
+
+CPUINFO = """\
+processor	: 0
+model name	: AMD EPYC
+cpu MHz		: 2596.096
+flags		: fpu tsc constant_tsc nonstop_tsc tsc_known_freq rdtscp
+processor	: 1
+cpu MHz		: 1800.000
+"""
+
+
+def test_a_boot_whose_tsc_calibration_hung_is_told_the_hosts_rate() -> None:
+    assert tsc_khz_from_cpuinfo(CPUINFO) == 2596096
+    # Without a known, constant TSC, "cpu MHz" is the current clock, not the TSC's rate.
+    assert tsc_khz_from_cpuinfo(CPUINFO.replace(" tsc_known_freq", "")) is None
+    assert tsc_khz_from_cpuinfo("processor\t: 0\n") is None
+    argv = qemu_argv(replace(GOLDEN, tsc_khz=2596096))
+    assert _value(argv, "-append").split()[-1] == "tsc_early_khz=2596096"
+    assert "tsc_early_khz" not in _value(qemu_argv(GOLDEN), "-append")

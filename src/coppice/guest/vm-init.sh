@@ -1,7 +1,7 @@
 #!/bin/sh
 # PID 1 of a Coppice VM (no systemd): mount the kernel filesystems, configure the network
 # and hostname from the kernel command line, start sshd and the in-sandbox agent, then reap
-# orphans forever. The root is an overlay whose writable layer is guest RAM (see the
+# orphans forever. The root is an overlay whose writable layer is the VM's own disk (see the
 # initramfs's /init), so whatever is written here stays inside this VM.
 #
 # Command line: coppice.ip=A.B.C.D/PREFIX coppice.gw=A.B.C.D coppice.hostname=NAME
@@ -25,7 +25,8 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=0620,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
+# /tmp stays on the root, so files written there count against the disk, as on E2B, not
+# against the guest's RAM.
 
 ip_cidr=
 gateway=

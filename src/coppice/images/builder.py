@@ -105,14 +105,20 @@ def policy_of(spec: TemplateSpec) -> TemplatePolicy:
     )
 
 
+def _initramfs_init() -> bytes:
+    return resources.files("coppice.guest").joinpath("initramfs-init.sh").read_bytes()
+
+
 def _vm_inputs(kernel_release: str) -> dict[str, object]:
     """What a vm template is made of besides the root filesystem. The kernel release is
-    part of it, so a new Debian kernel (after `apt-get update`) makes a new template."""
+    part of it, so a new Debian kernel (after `apt-get update`) makes a new template; so is
+    the initramfs's /init, which decides how the guest's root is put together."""
     return {
         "image": VM_IMAGE_VERSION,
         "kernel": kernel_release,
         "modules": list(INITRAMFS_MODULES),
         "busybox": hashlib.sha256(static_busybox()).hexdigest(),
+        "init": hashlib.sha256(_initramfs_init()).hexdigest(),
     }
 
 
@@ -330,7 +336,7 @@ class TemplateBuilder:
                 work / "rootfs",
                 work / "vm",
                 kernel,
-                resources.files("coppice.guest").joinpath("initramfs-init.sh").read_bytes(),
+                _initramfs_init(),
                 self.progress,
             )
             shutil.rmtree(work / "rootfs")

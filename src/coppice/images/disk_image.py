@@ -1,8 +1,8 @@
 """The VM's root disk: a raw, sparse ext4 image made from a root filesystem tree.
 
-Guests mount it read-only under a RAM-backed overlay, so the free space inside only has to
-absorb ext4's own overhead; the slack is generous because the file is sparse and costs
-nothing until written.
+Guests mount it read-only under an overlay (their writes go to a disk of their own), so the
+free space inside only has to absorb ext4's own overhead; the slack is generous because the
+file is sparse and costs nothing until written.
 """
 
 from __future__ import annotations

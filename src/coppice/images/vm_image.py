@@ -23,8 +23,8 @@ BUSYBOX = Path("/bin/busybox")
 #: what the initramfs loads to reach the root disk and set up the guest (dependencies are
 #: added): virtio over MMIO (microvm) and PCI, the disk, the network, ext4 (crc32c first:
 #: ext4 asks for it only when mounting, where nothing could load it), the overlay that
-#: makes the root writable in RAM, and the channels the QEMU driver may use (vsock,
-#: virtio-serial) plus the virtio RNG that reseeds restored clones
+#: makes the root writable on the VM's own disk, and the channels the QEMU driver may use
+#: (vsock, virtio-serial) plus the virtio RNG that reseeds restored clones
 INITRAMFS_MODULES = (
     "virtio_mmio",
     "virtio_pci",

@@ -5,10 +5,15 @@ guest's memory. Once its agent is warm, it is stopped and only its device state 
 (`x-ignore-shared` leaves RAM out of the stream, 60-odd KB and a few ms). Clones map the same
 file private (copy-on-write), so they share every page they do not write.
 
+The golden boots with its writable disk (vm_disk) attached and mounted as the upper layer
+of its root, so what the snapshot's page cache and mounted filesystem say about that disk is
+true of the file it leaves behind, which every clone's disk is an overlay on.
+
 On disk, per template version (`<template>-<recipe hash[:12]>`):
   <state_dir>/vm-golden/<key>/meta.json        what the snapshot is and which files it has
   <state_dir>/vm-golden/<key>/device.state     the saved device state
-  <state_dir>/vm-golden/<key>/overlay-seed.qcow2   an empty overlay each VM gets a copy of
+  <state_dir>/vm-golden/<key>/writable.raw     its writable disk as saved (read-only since)
+  <state_dir>/vm-golden/<key>/writable-seed.qcow2  an empty overlay on it, each clone's disk
   /dev/shm/<namespace>-vm-<key>.ram            guest RAM (tmpfs: gone after a reboot, and
                                                then the snapshot is rebuilt on demand)
 """
@@ -42,22 +47,27 @@ from coppice.substrates.qemu_cmdline import (
     GuestIdentity,
     MachineSpec,
     ignore_shared_capability,
-    overlay_argv,
     qemu_argv,
     save_uri,
+    tsc_khz_from_cpuinfo,
 )
 from coppice.substrates.qmp_channel import QmpChannel
+from coppice.substrates.vm_disk import make_golden_disk, make_seed, writable_disk_bytes
 
-META_VERSION = 1
+#: 2: the writable layer is a disk (writable.raw and its seed), no longer guest RAM
+META_VERSION = 2
 BOOT_ATTEMPTS = 3
 #: a TCG boot reaches the initramfs within a few seconds; one that has not after this long
 #: has wedged in the kernel (the guest clock stuck at zero, e.g. "tsc: Unable to calibrate
 #: against PIT"), which happened to roughly one boot in ten here, and is booted again
 BOOT_STALL_S = 45.0
 INIT_MARKER = b"Run /init as init process"
+#: what a boot that hung in the TSC's calibration printed; the next boot is told the rate
+PIT_CALIBRATION_FAILED = b"tsc: Unable to calibrate against PIT"
 log = logging.getLogger("coppice.vm")
 SHM_DIR = Path("/dev/shm")
 KERNEL, INITRD, DISK = "vmlinux", "initrd.img", "rootfs.ext4"
+WRITABLE, WRITABLE_SEED = "writable.raw", "writable-seed.qcow2"
 
 
 @dataclass(frozen=True)
@@ -86,22 +96,27 @@ class Golden:
     key: str
     ram_file: str
     device_state: str
-    overlay_seed: str
+    #: the golden's writable disk as saved, the read-only backing of every clone's disk
+    writable_disk: str
+    writable_seed: str
     memory_mb: int
+    disk_mb: int
     accel: str
     image: str
     boot_seconds: float
     created_at: float
 
-    def usable_for(self, image_root: str, memory_mb: int, accel: str) -> bool:
+    def usable_for(self, image_root: str, limits: Limits, accel: str) -> bool:
         return (
             self.version == META_VERSION
             and self.image == image_root
-            and self.memory_mb == memory_mb
+            and self.memory_mb == limits.memory_mb
+            and self.disk_mb == limits.disk_mb
             and self.accel == accel
             and Path(self.device_state).is_file()
-            and Path(self.overlay_seed).is_file()
-            and _size(Path(self.ram_file)) == memory_mb * 1024 * 1024
+            and Path(self.writable_disk).is_file()
+            and Path(self.writable_seed).is_file()
+            and _size(Path(self.ram_file)) == limits.memory_mb * 1024 * 1024
         )
 
 
@@ -156,11 +171,11 @@ class GoldenSnapshots:
         """The usable golden snapshot of this template version, booting it the first time."""
         image = VmImage.of(template)
         found = self.find(template)
-        if found is not None and found.usable_for(template.rootfs, limits.memory_mb, accel):
+        if found is not None and found.usable_for(template.rootfs, limits, accel):
             return found
         with self._locked():
             found = self.find(template)
-            if found is not None and found.usable_for(template.rootfs, limits.memory_mb, accel):
+            if found is not None and found.usable_for(template.rootfs, limits, accel):
                 return found
             return self._build(template, image, limits, accel)
 
@@ -208,18 +223,22 @@ class GoldenSnapshots:
         ram.unlink(missing_ok=True)
         ok = False
         try:
-            seed = work / "overlay-seed.qcow2"
-            _run(overlay_argv(image.disk, seed))
-            shutil.copyfile(seed, run / "overlay.qcow2")
+            disk_bytes = writable_disk_bytes(limits.disk_mb)
+            make_golden_disk(work / WRITABLE, disk_bytes)
             boot_seconds = self._boot_with_retry(template, image, limits, accel, run, ram, work)
+            # From here on the golden's disk is what every clone's disk reads through to.
+            (work / WRITABLE).chmod(0o444)
+            make_seed(final / WRITABLE, work / WRITABLE_SEED, disk_bytes)
             meta = Golden(
                 version=META_VERSION,
                 template=template.name,
                 key=key,
                 ram_file=str(ram),
                 device_state=str(final / "device.state"),
-                overlay_seed=str(final / "overlay-seed.qcow2"),
+                writable_disk=str(final / WRITABLE),
+                writable_seed=str(final / WRITABLE_SEED),
                 memory_mb=limits.memory_mb,
+                disk_mb=limits.disk_mb,
                 accel=accel,
                 image=template.rootfs,
                 boot_seconds=round(boot_seconds, 3),
@@ -251,19 +270,22 @@ class GoldenSnapshots:
     ) -> float:
         # An emulated boot can wedge early (a lost timer tick); a second boot costs less
         # than failing every spawn of the template until someone looks.
+        tsc_khz: int | None = None
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             try:
-                return self._boot_and_save(template, image, limits, accel, run, ram, work)
+                return self._boot_and_save(template, image, limits, accel, run, ram, work, tsc_khz)
             except SubstrateError as exc:
                 if attempt == BOOT_ATTEMPTS:
                     raise
                 log.warning(
                     "golden VM of %s failed to boot (%s); booting again", template.name, exc
                 )
+                if PIT_CALIBRATION_FAILED in _read(run / "console.log"):
+                    tsc_khz = tsc_khz_from_cpuinfo(_read(Path("/proc/cpuinfo")).decode())
                 shutil.copyfile(run / "console.log", work / f"console-failed-{attempt}.log")
                 for leftover in ("console.log", "qemu.log", "qmp.sock", "identity.sock"):
                     (run / leftover).unlink(missing_ok=True)
-                shutil.copyfile(work / "overlay-seed.qcow2", run / "overlay.qcow2")
+                make_golden_disk(work / WRITABLE, writable_disk_bytes(limits.disk_mb))
                 ram.unlink(missing_ok=True)
         raise AssertionError("unreachable")
 
@@ -276,6 +298,7 @@ class GoldenSnapshots:
         run: Path,
         ram: Path,
         work: Path,
+        tsc_khz: int | None,
     ) -> float:
         net = self.settings.vm_network
         ip = str(net.network.network_address + 2)
@@ -285,7 +308,9 @@ class GoldenSnapshots:
             memory_mb=limits.memory_mb,
             kernel=image.kernel,
             initrd=image.initrd,
-            overlay=run / "overlay.qcow2",
+            root_disk=image.disk,
+            writable_disk=work / WRITABLE,
+            writable_format="raw",
             tap=tap,
             mac=mac_for(ip),
             ram_file=ram,
@@ -297,6 +322,7 @@ class GoldenSnapshots:
                 f"{ip}/{net.prefixlen}", str(net.gateway), "golden", limits.disk_mb, "golden"
             ),
             incoming=False,
+            tsc_khz=tsc_khz,
         )
         self.taps.create(tap)
         started = time.monotonic()
@@ -358,10 +384,11 @@ def _booting(proc: subprocess.Popen[bytes], console: Path, started: float) -> bo
     return True
 
 
-def _run(argv: list[str]) -> None:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SubstrateError(f"{argv[0]} failed: {done.stderr.strip()}")
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 def _size(path: Path) -> int:

@@ -7,14 +7,23 @@ whether guest RAM is the shared golden file (`share=on`, the golden writes it) o
 copy-on-write mapping of it (`share=off`, a clone), and `-incoming defer` on clones. Clones get
 no kernel, initrd or command line: nothing boots in them (firmware does not run again after an
 incoming migration), and QEMU need not read a 66 MB kernel for every clone.
+
+Two disks: the template's ext4 image, raw and read-only (every VM of the template opens the
+same file; the guest cannot write it even if it tried), and the VM's own writable disk, the
+upper layer of the guest's overlay root (see vm_disk). The guest's initramfs tells them
+apart by their virtio serials, which the kernel command line names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 IDENTITY_PORT = "coppice.identity"
+#: virtio-blk serials of the two disks (at most 20 bytes: VIRTIO_BLK_ID_BYTES)
+ROOT_SERIAL = "coppice-root"
+WRITABLE_SERIAL = "coppice-rw"
 # From substrates.md R3, which shave about a second off a TCG boot: microvm has no i8042
 # worth probing, one UART is enough, and TCG's TSC is reliable. Two of R3's are left out on
 # purpose: with `no_timer_check` half of the boots hung for good waiting for the first timer
@@ -53,7 +62,11 @@ class MachineSpec:
     memory_mb: int
     kernel: Path
     initrd: Path
-    overlay: Path
+    #: the template's raw ext4 image, attached read-only
+    root_disk: Path
+    #: the VM's writable disk: the golden's own raw file, or a clone's qcow2 overlay on it
+    writable_disk: Path
+    writable_format: Literal["raw", "qcow2"]
     tap: str
     mac: str
     ram_file: Path
@@ -67,9 +80,30 @@ class MachineSpec:
     incoming: bool
     #: TCG translation cache size; None leaves QEMU's default (up to 1 GiB, grown on use)
     tb_size_mb: int | None = None
+    #: the TSC rate the kernel is told instead of measuring it (see tsc_khz_from_cpuinfo)
+    tsc_khz: int | None = None
 
 
-def kernel_cmdline(guest: GuestIdentity) -> str:
+def tsc_khz_from_cpuinfo(cpuinfo: str) -> int | None:
+    """The host's TSC rate, which is the guest's under TCG (its rdtsc reads the host's), for
+    a kernel whose calibration against the PIT failed: on a busy host the emulated PIT
+    ticks too unevenly ("tsc: Unable to calibrate against PIT") and the boot then hangs.
+    Only a host whose TSC runs at a known, constant rate says it here."""
+    flags: set[str] = set()
+    mhz = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "cpu MHz" and mhz is None:
+            mhz = float(value)
+    if mhz is None or not {"constant_tsc", "tsc_known_freq"} <= flags:
+        return None
+    return round(mhz * 1000)
+
+
+def kernel_cmdline(guest: GuestIdentity, tsc_khz: int | None = None) -> str:
     return " ".join(
         (
             *TUNED_KERNEL_ARGS,
@@ -78,6 +112,9 @@ def kernel_cmdline(guest: GuestIdentity) -> str:
             f"coppice.hostname={guest.hostname}",
             f"coppice.disk_mb={guest.disk_mb}",
             f"coppice.entry={guest.entry_id}",
+            f"coppice.root_serial={ROOT_SERIAL}",
+            f"coppice.rw_serial={WRITABLE_SERIAL}",
+            *([f"tsc_early_khz={tsc_khz}"] if tsc_khz is not None else []),
         )
     )
 
@@ -96,7 +133,7 @@ def qemu_argv(spec: MachineSpec, binary: str = "qemu-system-x86_64") -> list[str
             "-initrd",
             str(spec.initrd),
             "-append",
-            kernel_cmdline(spec.guest),
+            kernel_cmdline(spec.guest, spec.tsc_khz),
         ]
     )
     argv = [
@@ -121,9 +158,16 @@ def qemu_argv(spec: MachineSpec, binary: str = "qemu-system-x86_64") -> list[str
         "memory-backend=mem0",
         *boot,
         "-drive",
-        f"id=d0,file={spec.overlay},if=none,format=qcow2",
+        f"id=d0,file={spec.root_disk},if=none,format=raw,readonly=on",
         "-device",
-        "virtio-blk-device,drive=d0",
+        f"virtio-blk-device,drive=d0,serial={ROOT_SERIAL}",
+        # cache=unsafe: the disk lives and dies with its VM, so a guest's fsync need not
+        # reach the host's disk. discard: files the guest deletes give their space back.
+        "-drive",
+        f"id=d1,file={spec.writable_disk},if=none,format={spec.writable_format},"
+        "cache=unsafe,discard=unmap",
+        "-device",
+        f"virtio-blk-device,drive=d1,serial={WRITABLE_SERIAL}",
         "-netdev",
         f"tap,id=n0,ifname={spec.tap},script=no,downscript=no",
         "-device",
@@ -143,23 +187,6 @@ def qemu_argv(spec: MachineSpec, binary: str = "qemu-system-x86_64") -> list[str
     if spec.incoming:
         argv += ["-incoming", "defer"]
     return argv
-
-
-def overlay_argv(backing: Path, overlay: Path) -> list[str]:
-    """A qcow2 overlay on the raw template disk; the guest mounts it read-only, so clones
-    never write it, but QEMU wants a writable drive for a per-VM block device."""
-    return [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        str(backing),
-        "-F",
-        "raw",
-        str(overlay),
-    ]
 
 
 def ignore_shared_capability() -> dict[str, object]:

@@ -63,8 +63,9 @@ def kill_and_wait(
 ) -> None:
     """SIGKILL the process if it is still the one named, and wait until it is gone.
 
-    QEMU holds nothing worth flushing here (the guest disk is never written, RAM is a
-    private mapping), so there is no reason to ask it to quit politely.
+    QEMU holds nothing worth flushing here (the template disk is read-only, the writable
+    disk is deleted with its VM, RAM is a private mapping), so there is no reason to ask it
+    to quit politely.
     """
     if ident.is_running():
         with contextlib.suppress(ProcessLookupError):

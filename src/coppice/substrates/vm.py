@@ -1,9 +1,10 @@
 """The `vm` substrate: QEMU microVMs, each a copy-on-write clone of a warm golden snapshot.
 
 Per entry, on the host:
-  /run/coppice/vm/<id>/overlay.qcow2   its root disk (empty overlay on the template image;
-                                       the guest mounts it read-only under a tmpfs overlay)
-                      console.log      the guest's serial console
+  /var/lib/coppice/vm-disks/<id>.qcow2 its writable disk (vm_disk): the upper layer of the
+                                       guest's overlay root, sized to the template's disk_mb,
+                                       a qcow2 overlay on the golden's disk
+  /run/coppice/vm/<id>/console.log     the guest's serial console
                       qemu.log         QEMU's own output
                       qmp.sock         QEMU's monitor (pause = stop, resume = cont)
                       identity.sock    the virtio-serial port its new identity goes through
@@ -18,7 +19,6 @@ host key; the golden's are inside the snapshot.
 from __future__ import annotations
 
 import functools
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -61,8 +61,14 @@ from coppice.substrates.qemu_cmdline import (
 )
 from coppice.substrates.qmp_channel import QmpChannel
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
+from coppice.substrates.vm_disk import WritableDisks, writable_disk_bytes
+from coppice.substrates.vm_usage import read_usage
 
-REQUIRED_TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils"}
+REQUIRED_TOOLS = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
+    "mkfs.ext4": "e2fsprogs",
+}
 #: how long a restored clone may take to apply its identity (TCG guests are slow)
 IDENTITY_TIMEOUT_S = 30.0
 #: how long wait_ready lets a ready guest finish its background work before it is paused
@@ -82,6 +88,8 @@ class VmSubstrate:
         self.taps = TapDevices(settings.vm_network)
         self.egress = SandboxEgress(settings, settings.vm_network)
         self.goldens = GoldenSnapshots(settings, self.taps)
+        # On the host's disk, not /run: what a sandbox writes must not cost host RAM.
+        self.disks = WritableDisks(settings.state_dir / "vm-disks")
         self._accel: accel.AccelChoice | None = None
         self._children = Children()
 
@@ -122,10 +130,12 @@ class VmSubstrate:
         self.taps.bridge.ensure()
         self.egress.ensure()
         self.vm_dir.mkdir(parents=True, exist_ok=True)
+        self.disks.root.mkdir(parents=True, exist_ok=True)
 
     def teardown_host(self) -> None:
         self.egress.remove()
         self.taps.bridge.remove()
+        self.disks.remove_root_if_empty()
         for d in (self.vm_dir, self.settings.run_dir):
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
@@ -146,8 +156,7 @@ class VmSubstrate:
         entry_dir = self.entry_dir(spec.entry_id)
         entry_dir.mkdir(parents=True, exist_ok=False)
         started = time.monotonic()
-        overlay = entry_dir / "overlay.qcow2"
-        shutil.copyfile(golden.overlay_seed, overlay)
+        disk = self.disks.create(spec.entry_id, Path(golden.writable_seed))
         tap = entry_tap_name(spec.entry_id)
         mac = mac_for(spec.ip)
         self.taps.create(tap)
@@ -157,7 +166,9 @@ class VmSubstrate:
             memory_mb=golden.memory_mb,
             kernel=image.kernel,
             initrd=image.initrd,
-            overlay=overlay,
+            root_disk=image.disk,
+            writable_disk=disk,
+            writable_format="qcow2",
             tap=tap,
             mac=mac,
             ram_file=Path(golden.ram_file),
@@ -184,6 +195,11 @@ class VmSubstrate:
             "tap": tap,
             "entry_dir": str(entry_dir),
             "golden": golden_key(spec.template),
+            "disk": str(disk),
+            "disk_bytes": writable_disk_bytes(golden.disk_mb),
+            "disk_backing": golden.writable_disk,
+            "ram_file": golden.ram_file,
+            "memory_mb": golden.memory_mb,
         }
         message = identity_message(
             ip=spec.ip,
@@ -243,9 +259,21 @@ class VmSubstrate:
             qemu_process.wait_until_idle(handle.head.pid, timeout_s=SETTLE_TIMEOUT_S)
 
     def usage(self, entry_id: str, handle: Handle | None) -> ResourceUsage | None:
-        # What the guest uses is the guest's to say (a balloon or the agent); the QEMU
-        # process's own numbers would be the whole VM's RAM, not the sandbox's use.
-        return None
+        """Read from the host side, without asking the guest: see vm_usage for what each
+        number is."""
+        if handle is None or handle.head is None or not handle.head.identity.is_running():
+            return None
+        own = handle.driver
+        if "disk" not in own:
+            return None  # spawned before entries had a disk of their own
+        return read_usage(
+            pid=handle.head.pid,
+            ram_file=Path(str(own["ram_file"])),
+            memory_bytes=int(own["memory_mb"]) * 2**20,
+            disk=Path(str(own["disk"])),
+            disk_backing=Path(str(own["disk_backing"])),
+            disk_bytes=int(own["disk_bytes"]),
+        )
 
     def console_log(self, entry_id: str) -> Path:
         return self.entry_dir(entry_id) / "console.log"
@@ -305,6 +333,7 @@ class VmSubstrate:
                 functools.partial(qemu_process.kill_and_wait, ident, mine),
             )
         teardown.attempt("remove tap", lambda: self.taps.remove(entry_tap_name(entry_id)))
+        teardown.attempt("remove disk", lambda: self.disks.remove(entry_id))
         teardown.attempt("remove directory", lambda: rmtree_if_exists(entry_dir))
         teardown.finish()
 
@@ -317,6 +346,7 @@ class VmSubstrate:
                 "taps": self.taps.entry_ids(),
                 "directories": dirs,
                 "qmp_sockets": {d for d in dirs if (self.entry_dir(d) / "qmp.sock").exists()},
+                "disks": self.disks.entry_ids(),
             }
         )
 
