@@ -60,8 +60,9 @@ REQUIRED_TOOLS = {
 }
 MIB = 1024 * 1024
 #: /run holds pid files, locks and sockets (sshd, the sudo broker): kilobytes. Bounded, like
-#: every tmpfs of a jail, because its pages cannot be reclaimed: a full one holds memory of
-#: the sandbox's cgroup until the jail ends.
+#: every tmpfs of a jail, because without swap its pages cannot be reclaimed: a full one
+#: holds memory of the sandbox's cgroup until the jail ends (unbounded, tmpfs would allow
+#: half the host's RAM).
 RUN_TMPFS_MB = 32
 # What sshd and ordinary root work inside a jail need. Everything else (CAP_SYS_ADMIN,
 # CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE, ...) is dropped. They are capabilities of the
