@@ -11,8 +11,9 @@ The launch is a chain of execs, so the recorded pid stays the jail's top process
   nsenter --net=<netns>               enter the entry's network namespace
   sh -c 'join cgroups; exec ...'      so everything that follows is accounted and freezable
   unshare --user --map-users ...      root inside = uid <base> outside (newuidmap/newgidmap)
-  bwrap ...                           mount, pid, ipc, uts, cgroup namespaces; caps; seccomp
-  /usr/lib/coppice/init               sshd + the agent
+  bwrap ...                           mount, pid, ipc, uts, cgroup namespaces; caps; seccomp;
+                                      lxcfs's files over /proc (the sandbox's own limits)
+  /usr/lib/coppice/init               PID 1 (--as-pid-1): sshd + the agent, reaps orphans
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from coppice.substrates.base import (
     SpawnSpec,
 )
 from coppice.substrates.children import Children
+from coppice.substrates.lxcfs import LxcfsDaemon, proc_binds
 from coppice.substrates.prerequisites import require_root, require_tools
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
@@ -52,6 +54,8 @@ REQUIRED_TOOLS = {
     "unshare": "util-linux",
     "newuidmap": "uidmap",
     "newgidmap": "uidmap",
+    "setsid": "util-linux",
+    "lxcfs": "lxcfs",
 }
 # What sshd and ordinary root work inside a jail need. Everything else (CAP_SYS_ADMIN,
 # CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_MODULE, ...) is dropped. They are capabilities of the
@@ -87,6 +91,7 @@ class JailSubstrate:
         self._cgroups: cgroups.CgroupDriver | None = None
         self._children = Children()
         self._filter_path: Path | None = None
+        self.lxcfs = LxcfsDaemon(settings.run_dir)
 
     @property
     def network(self) -> NetworkSettings:
@@ -115,6 +120,8 @@ class JailSubstrate:
             raise PrerequisiteMissing(
                 "user namespaces are disabled; `sysctl -w user.max_user_namespaces=15000`"
             )
+        if not Path("/dev/fuse").exists():
+            raise PrerequisiteMissing("lxcfs needs /dev/fuse; load the module: `modprobe fuse`")
         self.cgroups  # noqa: B018 - detection raises PrerequisiteMissing on an unusable host
 
     def prepare_host(self) -> None:
@@ -124,6 +131,7 @@ class JailSubstrate:
         self.cgroups.prepare()
         self.settings.entries_dir.mkdir(parents=True, exist_ok=True)
         self._seccomp_filter()
+        self.lxcfs.ensure()
 
     def _seccomp_filter(self) -> Path:
         """The compiled filter, compiled once per process rather than once per spawn."""
@@ -132,6 +140,7 @@ class JailSubstrate:
         return self._filter_path
 
     def teardown_host(self) -> None:
+        self.lxcfs.stop()
         self.link.bridge.remove()
         self.cgroups.remove_parent()
         for path in sorted(self.settings.run_dir.glob("seccomp-*.bpf")):
@@ -176,6 +185,9 @@ class JailSubstrate:
                 ) from exc
             raise SubstrateError(str(exc)) from exc
         self._inject_identity(merged, spec)
+        # Every spawn looks, so a daemon that died is back for the next sandbox (a few
+        # reads: warm time, not checkout).
+        self.lxcfs.ensure()
         self.cgroups.create(spec.entry_id, spec.limits)
         self.link.create(spec.entry_id, spec.ip)
 
@@ -223,6 +235,10 @@ class JailSubstrate:
                 spec.hostname,
                 filter_fd,
                 [
+                    *proc_binds(self.lxcfs.mountpoint),
+                    # Our init is PID 1 (no bwrap reaper in front of it), so the jail's
+                    # /proc/1 shows it rather than bwrap's host command line.
+                    "--as-pid-1",
                     "--setenv", "PATH", DEFAULT_PATH,
                     "--setenv", "HOME", "/root",
                     "--chdir", "/root",
