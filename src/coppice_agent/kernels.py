@@ -26,6 +26,7 @@ from jupyter_client.manager import AsyncKernelManager
 from coppice_agent.kernel_dialects import env_code
 from coppice_agent.kernel_output import STR_RESULT_MIME, Event, output_event
 from coppice_agent.kernel_specs import LanguageKernel
+from coppice_agent.oom import oom_candidate_argv
 from coppice_agent.users import SandboxUser
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,9 @@ def _connection(launch: KernelLaunch, directory: str) -> dict[str, str]:
 
 class _SandboxKernelManager(AsyncKernelManager):
     """A kernel manager whose kernel spec is given, not looked up in Jupyter's data dirs (the
-    agent's own interpreter cannot see them), and whose connection file belongs to the user
-    the kernel runs as, so the kernel can read it after dropping privileges."""
+    agent's own interpreter cannot see them), whose connection file belongs to the user the
+    kernel runs as, so the kernel can read it after dropping privileges, and whose kernel
+    the OOM killer may pick."""
 
     def __init__(self, *, spec: KernelSpec, owner: SandboxUser, **kwargs: Any) -> None:
         self._coppice_spec = spec
@@ -141,6 +143,11 @@ class _SandboxKernelManager(AsyncKernelManager):
     @property
     def kernel_spec(self) -> KernelSpec | None:
         return self._coppice_spec
+
+    def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
+        # The kernel is the user's code, so the OOM killer's to pick (oom.py); wrapped after
+        # Jupyter has put its own interpreter in place of a spec's bare `python3`.
+        return oom_candidate_argv(super().format_kernel_cmd(extra_arguments))
 
     def write_connection_file(self, **kwargs: Any) -> None:
         super().write_connection_file(**kwargs)

@@ -5,7 +5,8 @@ Nothing here runs Python in the child between fork and exec (no `preexec_fn`): t
 threads (the event loop's workers, the identity port), and a forked copy of a threaded process
 can deadlock on a lock some other thread held at the fork. Everything the child needs is a
 `Popen` parameter, done by CPython's C code, except making the PTY the session's controlling
-terminal; util-linux's setsid(1) does that and then execs the command."""
+terminal, which util-linux's setsid(1) does, and making the command a candidate for the OOM
+killer (oom.py), which a wrapper does; each execs the command in the same process."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coppice_agent.oom import oom_candidate_argv
 from coppice_agent.rpc.process.process_pb import PTY
 from coppice_agent.users import SandboxUser
 
@@ -76,8 +78,11 @@ class SpawnSpec:
         child_ends = [out_w, err_w] + ([in_r] if self.with_stdin else [])
         parent_ends = [out_r, err_r] + ([in_w] if self.with_stdin else [])
         try:
+            # The wrapper is what Popen execs, so it cannot report a missing command; the
+            # wrapper would print that and exit 127. Look first, as exec will.
+            _find_program(self.argv[0], self.env, self.cwd)
             popen = subprocess.Popen(
-                self.argv,
+                oom_candidate_argv(self.argv),
                 stdin=in_r,
                 stdout=out_w,
                 stderr=err_w,
@@ -114,7 +119,8 @@ class SpawnSpec:
                 f"a PTY needs {SETSID} (util-linux) in the sandbox, and it is missing"
             )
         # Popen only ever execs setsid here, so it cannot report a missing command; setsid
-        # would print that on the terminal and exit 127. Look first, as exec will.
+        # (or the OOM wrapper after it) would print that on the terminal and exit 127. Look
+        # first, as exec will.
         _find_program(self.argv[0], self.env, self.cwd)
         master, slave = os.openpty()
         try:
@@ -124,7 +130,7 @@ class SpawnSpec:
                 # The user's terminal is theirs, as login(1) would leave it.
                 os.fchown(slave, self.user.uid, -1)
             popen = subprocess.Popen(
-                [SETSID, "--ctty", "--", *self.argv],
+                [SETSID, "--ctty", "--", *oom_candidate_argv(self.argv)],
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
@@ -150,7 +156,7 @@ def _find_program(name: str, env: Mapping[str, str], cwd: str) -> None:
     candidate exists, PermissionError when one exists but is not executable.
 
     As the agent sees it: a command only the agent may execute gets past this, and then
-    setsid reports it on the terminal (exit status 126) as a shell would."""
+    the wrapper reports it on stderr or the terminal (exit status 126) as a shell would."""
     if "/" in name:
         candidates = [os.path.join(cwd, name)]
     else:

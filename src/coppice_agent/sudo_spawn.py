@@ -10,7 +10,8 @@ namespace, which no jail has. A terminal of its own gives the command everything
 needs: job control, ^C and ^Z from the keyboard, and window-size changes.
 
 As in spawn.py, nothing runs Python between fork and exec (the agent has threads): every
-step is a `Popen` parameter, and util-linux's setsid(1) makes the terminal controlling."""
+step is a `Popen` parameter, util-linux's setsid(1) makes the terminal controlling, and the
+OOM wrapper (oom.py) makes the command, root's or not, a candidate for the OOM killer."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from coppice_agent.oom import oom_candidate_argv
 from coppice_agent.sudo_plan import Launch
 
 SETSID = "/usr/bin/setsid"
@@ -46,8 +48,8 @@ def start_child(launch: Launch, stdio: Sequence[int]) -> SudoChild:
     if os.isatty(stdio[0]) and os.access(SETSID, os.X_OK):
         return _start_on_new_terminal(launch, stdio, identity)
     popen = subprocess.Popen(
-        list(launch.argv),
-        executable=launch.executable,
+        # The wrapper execs the resolved file: the name the caller typed becomes its path.
+        oom_candidate_argv([launch.executable, *launch.argv[1:]]),
         stdin=stdio[0],
         stdout=stdio[1],
         stderr=stdio[2],
@@ -75,7 +77,7 @@ def _start_on_new_terminal(
         os.fchown(slave, launch.user.uid, -1)
         stdout, stderr = (slave if os.isatty(fd) else fd for fd in stdio[1:3])
         popen = subprocess.Popen(
-            [SETSID, "--ctty", "--", launch.executable, *launch.argv[1:]],
+            [SETSID, "--ctty", "--", *oom_candidate_argv([launch.executable, *launch.argv[1:]])],
             stdin=slave,
             stdout=stdout,
             stderr=stderr,

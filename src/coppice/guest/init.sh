@@ -10,6 +10,9 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 . /etc/coppice-instance
 export COPPICE_ENTRY_ID COPPICE_IP COPPICE_HOSTNAME
 mkdir -p /run/sshd
+# sshd, the agent and this init keep the oom_score_adj the host's launcher gave them (see
+# jail.py); the agent starts user processes, and sshd its sessions, as the OOM killer's
+# candidates.
 /usr/sbin/sshd -D -e 2>>/var/log/sshd.log &
 sshd=$!
 # A shell starts background commands with SIGINT and SIGQUIT ignored, and every process the

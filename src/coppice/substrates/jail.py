@@ -75,9 +75,28 @@ CAPABILITIES = (
 )
 # Runs in the entry's network namespace as host root, before any namespace of the jail's own:
 # ports below 1024 open to the jail's root (whose capabilities do not reach this namespace),
-# then it joins the cgroups named in its arguments up to "--" and execs the rest.
+# the OOM killer is told to spare the jail's own processes (below), then it joins the cgroups
+# named in its arguments up to "--" and execs the rest.
+#
+# The OOM killer and the jail: the launcher sets oom_score_adj -1000 (never picked) and
+# everything the jail runs inherits it: init, sshd, the agent and its kernel manager. The
+# agent starts every user process at +1000 (coppice_agent/oom.py), sshd every session, so at
+# the sandbox's memory limit the kernel kills a user process and the agent reports it.
+#
+# The kernel's rule: a write to oom_score_adj by a process with CAP_SYS_RESOURCE (in the
+# host's user namespace, which no jail has) also sets its oom_score_adj_min; forks inherit
+# both; without that capability a process may set any value down to its min. So a user
+# process may lower itself back to -1000. All it gains is being spared too: with nothing left
+# to kill, its sandbox stalls at its own cgroup's memory limit, while the host and every
+# other sandbox are untouched, and killing the sandbox (timeout, kill) still ends it.
+#
+# Where even host root lacks CAP_SYS_RESOURCE (a container host, a restricted CI runner) the
+# write fails and the chain stays at 0 with min 0: user processes at +1000 still always
+# outrank it, they can lower themselves to 0 at most, and the agent can die only of memory
+# it uses itself.
 LAUNCHER = (
     "echo 0 > /proc/sys/net/ipv4/ip_unprivileged_port_start; "
+    "echo -1000 2>/dev/null > /proc/self/oom_score_adj; "
     'while [ "$1" != -- ]; do echo $$ > "$1"; shift; done; shift; exec "$@"'
 )
 
