@@ -26,7 +26,7 @@ from jupyter_client.manager import AsyncKernelManager
 from coppice_agent.kernel_dialects import env_code
 from coppice_agent.kernel_output import STR_RESULT_MIME, Event, output_event
 from coppice_agent.kernel_specs import LanguageKernel
-from coppice_agent.oom import oom_candidate_argv
+from coppice_agent.oom import USER_FORKS
 from coppice_agent.users import SandboxUser
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,8 @@ def _connection(launch: KernelLaunch, directory: str) -> dict[str, str]:
 
 class _SandboxKernelManager(AsyncKernelManager):
     """A kernel manager whose kernel spec is given, not looked up in Jupyter's data dirs (the
-    agent's own interpreter cannot see them), whose connection file belongs to the user the
-    kernel runs as, so the kernel can read it after dropping privileges, and whose kernel
-    the OOM killer may pick."""
+    agent's own interpreter cannot see them), and whose connection file belongs to the user
+    the kernel runs as, so the kernel can read it after dropping privileges."""
 
     def __init__(self, *, spec: KernelSpec, owner: SandboxUser, **kwargs: Any) -> None:
         self._coppice_spec = spec
@@ -143,11 +142,6 @@ class _SandboxKernelManager(AsyncKernelManager):
     @property
     def kernel_spec(self) -> KernelSpec | None:
         return self._coppice_spec
-
-    def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
-        # The kernel is the user's code, so the OOM killer's to pick (oom.py); wrapped after
-        # Jupyter has put its own interpreter in place of a spec's bare `python3`.
-        return oom_candidate_argv(super().format_kernel_cmd(extra_arguments))
 
     def write_connection_file(self, **kwargs: Any) -> None:
         super().write_connection_file(**kwargs)
@@ -248,7 +242,9 @@ class Kernel:
         )
         kernel: Kernel | None = None
         try:
-            await manager.start_kernel(**_popen_kwargs(launch))
+            # The kernel runs the user's code: it is born the OOM killer's candidate.
+            with USER_FORKS.forking():
+                await manager.start_kernel(**_popen_kwargs(launch))
             client = manager.client(context=zmq_context)
             # `shell` is the Jupyter shell channel, not a subprocess shell.
             client.start_channels(  # noqa: S604

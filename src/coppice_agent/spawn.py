@@ -5,8 +5,8 @@ Nothing here runs Python in the child between fork and exec (no `preexec_fn`): t
 threads (the event loop's workers, the identity port), and a forked copy of a threaded process
 can deadlock on a lock some other thread held at the fork. Everything the child needs is a
 `Popen` parameter, done by CPython's C code, except making the PTY the session's controlling
-terminal, which util-linux's setsid(1) does, and making the command a candidate for the OOM
-killer (oom.py), which a wrapper does; each execs the command in the same process."""
+terminal; util-linux's setsid(1) does that and then execs the command. The child is born
+the OOM killer's candidate, not the agent (oom.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coppice_agent.oom import oom_candidate_argv
+from coppice_agent.oom import USER_FORKS
 from coppice_agent.rpc.process.process_pb import PTY
 from coppice_agent.users import SandboxUser
 
@@ -78,19 +78,17 @@ class SpawnSpec:
         child_ends = [out_w, err_w] + ([in_r] if self.with_stdin else [])
         parent_ends = [out_r, err_r] + ([in_w] if self.with_stdin else [])
         try:
-            # The wrapper is what Popen execs, so it cannot report a missing command; the
-            # wrapper would print that and exit 127. Look first, as exec will.
-            _find_program(self.argv[0], self.env, self.cwd)
-            popen = subprocess.Popen(
-                oom_candidate_argv(self.argv),
-                stdin=in_r,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=self.cwd,
-                env=self.env,
-                start_new_session=True,
-                **self._identity(),
-            )
+            with USER_FORKS.forking():
+                popen = subprocess.Popen(
+                    self.argv,
+                    stdin=in_r,
+                    stdout=out_w,
+                    stderr=err_w,
+                    cwd=self.cwd,
+                    env=self.env,
+                    start_new_session=True,
+                    **self._identity(),
+                )
         except BaseException:
             for fd in child_ends + parent_ends:
                 os.close(fd)
@@ -119,8 +117,7 @@ class SpawnSpec:
                 f"a PTY needs {SETSID} (util-linux) in the sandbox, and it is missing"
             )
         # Popen only ever execs setsid here, so it cannot report a missing command; setsid
-        # (or the OOM wrapper after it) would print that on the terminal and exit 127. Look
-        # first, as exec will.
+        # would print that on the terminal and exit 127. Look first, as exec will.
         _find_program(self.argv[0], self.env, self.cwd)
         master, slave = os.openpty()
         try:
@@ -129,15 +126,16 @@ class SpawnSpec:
             if not self.user.is_current:
                 # The user's terminal is theirs, as login(1) would leave it.
                 os.fchown(slave, self.user.uid, -1)
-            popen = subprocess.Popen(
-                [SETSID, "--ctty", "--", *oom_candidate_argv(self.argv)],
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=self.cwd,
-                env=self.env,
-                **self._identity(),
-            )
+            with USER_FORKS.forking():
+                popen = subprocess.Popen(
+                    [SETSID, "--ctty", "--", *self.argv],
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=self.cwd,
+                    env=self.env,
+                    **self._identity(),
+                )
         except BaseException:
             os.close(master)
             raise
@@ -156,7 +154,7 @@ def _find_program(name: str, env: Mapping[str, str], cwd: str) -> None:
     candidate exists, PermissionError when one exists but is not executable.
 
     As the agent sees it: a command only the agent may execute gets past this, and then
-    the wrapper reports it on stderr or the terminal (exit status 126) as a shell would."""
+    setsid reports it on the terminal (exit status 126) as a shell would."""
     if "/" in name:
         candidates = [os.path.join(cwd, name)]
     else:

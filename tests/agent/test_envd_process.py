@@ -421,6 +421,7 @@ def test_pty_runs_as_the_requested_user(client: ProcessClientSync) -> None:
 
 def test_processes_start_as_the_oom_killers_candidates(client: ProcessClientSync) -> None:
     """So that in a sandbox out of memory a user process dies, not the agent."""
+    agent_score = Path("/proc/self/oom_score_adj").read_text()  # the agent runs in-process
     # bash itself and what it forks: the value is set before the command runs.
     run = collect(client.start(bash("cat /proc/$$/oom_score_adj /proc/self/oom_score_adj")))
     assert run.output("stdout").split() == [b"1000", b"1000"]
@@ -430,6 +431,7 @@ def test_processes_start_as_the_oom_killers_candidates(client: ProcessClientSync
         client.start(bash("cat /proc/self/oom_score_adj"), headers=basic_auth("nobody"))
     )
     assert as_user.output("stdout") == b"1000\n"
+    assert Path("/proc/self/oom_score_adj").read_text() == agent_score
 
 
 @pytest.mark.parametrize("cmd", ["/no/such/binary", "no-such-command-anywhere"])
@@ -484,7 +486,6 @@ def test_start_deadline_is_a_deadline_error_not_an_exit(envd: EnvdServer) -> Non
 
 @pytest.mark.parametrize("cmd", ["/no/such/binary", "no-such-command-anywhere"])
 def test_command_not_found(client: ProcessClientSync, cmd: str) -> None:
-    # The OOM wrapper is what Popen starts; a missing command is still the caller's error.
     with pytest.raises(ConnectError) as info:
         collect(client.start(StartRequest(process=ProcessConfig(cmd=cmd))))
     assert info.value.code == Code.INVALID_ARGUMENT

@@ -1,43 +1,70 @@
-"""The wrapper that starts user processes as the OOM killer's candidates, both ways: with
-util-linux's choom, and with /bin/sh where an image has no choom."""
+"""The bracket around forks of user processes: the child is born with the user's
+oom_score_adj, and the agent goes back to its own as soon as the last fork is done."""
 
 from __future__ import annotations
 
-import os
 import subprocess
+import threading
+from pathlib import Path
 
-import pytest
-
-from coppice_agent.oom import CHOOM, USER_OOM_SCORE_ADJ, oom_candidate_argv
+from coppice_agent.oom import OWN_SCORE, USER_OOM_SCORE_ADJ, UserForks
 
 
-@pytest.mark.parametrize("have_choom", [True, False])
-def test_the_command_runs_with_the_users_value(have_choom: bool) -> None:
-    if have_choom and not os.access(CHOOM, os.X_OK):
-        pytest.skip("no choom on this host")
-    argv = oom_candidate_argv(
-        ["sh", "-c", 'cat /proc/self/oom_score_adj; echo "$0|$1|$#"', "a b", "c"],
-        have_choom=have_choom,
+def test_a_child_forked_inside_is_born_with_the_users_score() -> None:
+    before = OWN_SCORE.read_text()
+    forks = UserForks()
+    with forks.forking():
+        # What it forks in turn inherits the value too: it is there before exec.
+        child = subprocess.run(
+            ["sh", "-c", "cat /proc/self/oom_score_adj; sh -c 'cat /proc/self/oom_score_adj'"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    assert child.stdout.split() == [str(USER_OOM_SCORE_ADJ)] * 2
+    assert OWN_SCORE.read_text() == before
+    after = subprocess.run(
+        ["cat", "/proc/self/oom_score_adj"], capture_output=True, text=True, check=True
     )
-    done = subprocess.run(argv, capture_output=True, text=True, check=True)
-    # Arguments pass through untouched: spaces, count and all.
-    assert done.stdout.splitlines() == [str(USER_OOM_SCORE_ADJ), "a b|c|1"]
+    assert after.stdout == before  # a process started outside keeps the agent's
 
 
-@pytest.mark.parametrize("have_choom", [True, False])
-def test_the_command_is_found_by_the_given_path(have_choom: bool) -> None:
-    if have_choom and not os.access(CHOOM, os.X_OK):
-        pytest.skip("no choom on this host")
-    done = subprocess.run(
-        oom_candidate_argv(["printenv", "MARK"], have_choom=have_choom),
-        env={"PATH": "/usr/bin:/bin", "MARK": "seen"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert done.stdout == "seen\n"
+def test_overlapping_forks_share_one_raise(tmp_path: Path) -> None:
+    score = tmp_path / "oom_score_adj"
+    score.write_text("-1000\n")
+    forks = UserForks(score)
+    with forks.forking():
+        assert score.read_text() == "1000\n"
+        with forks.forking():
+            assert score.read_text() == "1000\n"
+        assert score.read_text() == "1000\n"  # the first fork is still under way
+    assert score.read_text() == "-1000\n"
 
 
-def test_the_wrapper_is_choom_when_the_image_has_it() -> None:
-    assert oom_candidate_argv(["true"], have_choom=True) == [CHOOM, "-n", "1000", "--", "true"]
-    assert oom_candidate_argv(["true"], have_choom=False)[:2] == ["/bin/sh", "-c"]
+def test_forks_on_threads_go_back_down_after_the_last(tmp_path: Path) -> None:
+    score = tmp_path / "oom_score_adj"
+    score.write_text("0\n")
+    forks = UserForks(score)
+    inside = threading.Barrier(4)
+    seen: list[str] = []
+
+    def fork() -> None:
+        with forks.forking():
+            inside.wait(timeout=5)
+            seen.append(score.read_text())
+            inside.wait(timeout=5)
+
+    threads = [threading.Thread(target=fork) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert seen == ["1000\n"] * 4
+    assert score.read_text() == "0\n"
+
+
+def test_an_unusable_score_file_changes_nothing(tmp_path: Path) -> None:
+    forks = UserForks(tmp_path / "missing" / "oom_score_adj")
+    with forks.forking():
+        pass  # children then get the agent's score; the start itself goes on
+    assert not (tmp_path / "missing").exists()
