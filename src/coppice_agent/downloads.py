@@ -2,10 +2,12 @@
 threads, optionally gzipped.
 
 A stat size is only a promise for regular files, and not even then: /proc and /sys files
-say 0 and have content, and a file can shrink while it is read. So Content-Length is sent
-only for a regular file with a non-zero size, exactly that many bytes follow, and if the
-file runs out first the response is aborted (the connection drops) instead of ending as if
-complete. Everything else goes chunked, up to EOF."""
+say 0 and have content, the lxcfs files a jail shows over /proc/meminfo and the like give a
+size computed for whoever asked last, and a file can shrink while it is read. So
+Content-Length is sent only for a regular file with a non-zero size outside /proc and
+/sys, exactly that many bytes follow, and if the file runs out first the response is
+aborted (the connection drops) instead of ending as if complete. Everything else goes
+chunked, up to EOF."""
 
 from __future__ import annotations
 
@@ -87,8 +89,27 @@ def open_download(path: str) -> Download:
     except BaseException:
         os.close(fd)
         raise
-    promised = info.st_size if stat.S_ISREG(info.st_mode) and info.st_size > 0 else None
-    return Download(path, fd, promised)
+    return Download(path, fd, size_promise(_opened_path(fd, path), info))
+
+
+#: where sizes are no promise, whatever the file system under them says
+_UNSIZED_TREES = ("/proc/", "/sys/")
+
+
+def size_promise(real_path: str, info: os.stat_result) -> int | None:
+    """The Content-Length a download of the file at `real_path` (symlinks resolved) may
+    promise, or None to send it chunked, up to EOF."""
+    if real_path.startswith(_UNSIZED_TREES):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) and info.st_size > 0 else None
+
+
+def _opened_path(fd: int, path: str) -> str:
+    """What `fd` really is: a symlink elsewhere may point into /proc."""
+    try:
+        return str(Path(f"/proc/self/fd/{fd}").readlink())
+    except OSError:
+        return str(Path(path).resolve())
 
 
 def choose_encoding(accept_encoding: str | None) -> Encoding | None:

@@ -26,6 +26,7 @@ from jupyter_client.manager import AsyncKernelManager
 from coppice_agent.kernel_dialects import env_code
 from coppice_agent.kernel_output import STR_RESULT_MIME, Event, output_event
 from coppice_agent.kernel_specs import LanguageKernel
+from coppice_agent.oom import USER_FORKS
 from coppice_agent.users import SandboxUser
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,9 @@ class Kernel:
         )
         kernel: Kernel | None = None
         try:
-            await manager.start_kernel(**_popen_kwargs(launch))
+            # The kernel runs the user's code: it is born the OOM killer's candidate.
+            with USER_FORKS.forking():
+                await manager.start_kernel(**_popen_kwargs(launch))
             client = manager.client(context=zmq_context)
             # `shell` is the Jupyter shell channel, not a subprocess shell.
             client.start_channels(  # noqa: S604

@@ -5,7 +5,8 @@ Nothing here runs Python in the child between fork and exec (no `preexec_fn`): t
 threads (the event loop's workers, the identity port), and a forked copy of a threaded process
 can deadlock on a lock some other thread held at the fork. Everything the child needs is a
 `Popen` parameter, done by CPython's C code, except making the PTY the session's controlling
-terminal; util-linux's setsid(1) does that and then execs the command."""
+terminal; util-linux's setsid(1) does that and then execs the command. The child is born
+the OOM killer's candidate, not the agent (oom.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coppice_agent.oom import USER_FORKS
 from coppice_agent.rpc.process.process_pb import PTY
 from coppice_agent.users import SandboxUser
 
@@ -76,16 +78,17 @@ class SpawnSpec:
         child_ends = [out_w, err_w] + ([in_r] if self.with_stdin else [])
         parent_ends = [out_r, err_r] + ([in_w] if self.with_stdin else [])
         try:
-            popen = subprocess.Popen(
-                self.argv,
-                stdin=in_r,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=self.cwd,
-                env=self.env,
-                start_new_session=True,
-                **self._identity(),
-            )
+            with USER_FORKS.forking():
+                popen = subprocess.Popen(
+                    self.argv,
+                    stdin=in_r,
+                    stdout=out_w,
+                    stderr=err_w,
+                    cwd=self.cwd,
+                    env=self.env,
+                    start_new_session=True,
+                    **self._identity(),
+                )
         except BaseException:
             for fd in child_ends + parent_ends:
                 os.close(fd)
@@ -123,15 +126,16 @@ class SpawnSpec:
             if not self.user.is_current:
                 # The user's terminal is theirs, as login(1) would leave it.
                 os.fchown(slave, self.user.uid, -1)
-            popen = subprocess.Popen(
-                [SETSID, "--ctty", "--", *self.argv],
-                stdin=slave,
-                stdout=slave,
-                stderr=slave,
-                cwd=self.cwd,
-                env=self.env,
-                **self._identity(),
-            )
+            with USER_FORKS.forking():
+                popen = subprocess.Popen(
+                    [SETSID, "--ctty", "--", *self.argv],
+                    stdin=slave,
+                    stdout=slave,
+                    stderr=slave,
+                    cwd=self.cwd,
+                    env=self.env,
+                    **self._identity(),
+                )
         except BaseException:
             os.close(master)
             raise

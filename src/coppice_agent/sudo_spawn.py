@@ -10,7 +10,8 @@ namespace, which no jail has. A terminal of its own gives the command everything
 needs: job control, ^C and ^Z from the keyboard, and window-size changes.
 
 As in spawn.py, nothing runs Python between fork and exec (the agent has threads): every
-step is a `Popen` parameter, and util-linux's setsid(1) makes the terminal controlling."""
+step is a `Popen` parameter, and util-linux's setsid(1) makes the terminal controlling. The
+command, root's or not, is born the OOM killer's candidate (oom.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from coppice_agent.oom import USER_FORKS
 from coppice_agent.sudo_plan import Launch
 
 SETSID = "/usr/bin/setsid"
@@ -45,17 +47,18 @@ def start_child(launch: Launch, stdio: Sequence[int]) -> SudoChild:
     }
     if os.isatty(stdio[0]) and os.access(SETSID, os.X_OK):
         return _start_on_new_terminal(launch, stdio, identity)
-    popen = subprocess.Popen(
-        list(launch.argv),
-        executable=launch.executable,
-        stdin=stdio[0],
-        stdout=stdio[1],
-        stderr=stdio[2],
-        cwd=launch.cwd,
-        env=launch.env,
-        start_new_session=True,
-        **identity,
-    )
+    with USER_FORKS.forking():
+        popen = subprocess.Popen(
+            list(launch.argv),
+            executable=launch.executable,
+            stdin=stdio[0],
+            stdout=stdio[1],
+            stderr=stdio[2],
+            cwd=launch.cwd,
+            env=launch.env,
+            start_new_session=True,
+            **identity,
+        )
     return SudoChild(popen, pty_master=None)
 
 
@@ -74,15 +77,16 @@ def _start_on_new_terminal(
         # The target's terminal is theirs, as login(1) would leave it.
         os.fchown(slave, launch.user.uid, -1)
         stdout, stderr = (slave if os.isatty(fd) else fd for fd in stdio[1:3])
-        popen = subprocess.Popen(
-            [SETSID, "--ctty", "--", launch.executable, *launch.argv[1:]],
-            stdin=slave,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=launch.cwd,
-            env=launch.env,
-            **identity,
-        )
+        with USER_FORKS.forking():
+            popen = subprocess.Popen(
+                [SETSID, "--ctty", "--", launch.executable, *launch.argv[1:]],
+                stdin=slave,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=launch.cwd,
+                env=launch.env,
+                **identity,
+            )
     except BaseException:
         os.close(master)
         raise

@@ -15,7 +15,7 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from coppice_agent.downloads import choose_encoding
+from coppice_agent.downloads import choose_encoding, size_promise
 from coppice_agent.rpc.process.process_pb import ListRequest, ProcessConfig, StartRequest
 from tests.agent.envd_harness import EnvdServer, running_envd, sandbox_env
 from tests.waiting import wait_until
@@ -171,6 +171,17 @@ def test_download_of_a_proc_file_reads_to_eof(http: httpx.Client) -> None:
     assert "accept-ranges" not in response.headers
     assert response.headers["transfer-encoding"] == "chunked"
     assert response.content.startswith(b"Name:")
+
+
+def test_sizes_under_proc_and_sys_are_no_promise(tmp_path: Path) -> None:
+    # A jail's /proc/meminfo is an lxcfs file: regular, with a size computed for whoever
+    # asked last, not for this reader.
+    regular = tmp_path / "f"
+    regular.write_bytes(b"12345")
+    info = regular.stat()
+    assert size_promise(str(regular), info) == 5
+    assert size_promise("/proc/meminfo", info) is None
+    assert size_promise("/sys/devices/system/cpu/online", info) is None
 
 
 def test_download_gzip_when_asked(http: httpx.Client, tmp_path: Path) -> None:

@@ -419,6 +419,21 @@ def test_pty_runs_as_the_requested_user(client: ProcessClientSync) -> None:
     assert run.end.exit_code == 0
 
 
+def test_processes_start_as_the_oom_killers_candidates(client: ProcessClientSync) -> None:
+    """So that in a sandbox out of memory a user process dies, not the agent."""
+    agent_score = Path("/proc/self/oom_score_adj").read_text()  # the agent runs in-process
+    # bash itself and what it forks: the value is set before the command runs.
+    run = collect(client.start(bash("cat /proc/$$/oom_score_adj /proc/self/oom_score_adj")))
+    assert run.output("stdout").split() == [b"1000", b"1000"]
+    pty_run = collect(client.start(pty_request("cat /proc/self/oom_score_adj")))
+    assert pty_lines(pty_run)[0] == "1000"
+    as_user = collect(
+        client.start(bash("cat /proc/self/oom_score_adj"), headers=basic_auth("nobody"))
+    )
+    assert as_user.output("stdout") == b"1000\n"
+    assert Path("/proc/self/oom_score_adj").read_text() == agent_score
+
+
 @pytest.mark.parametrize("cmd", ["/no/such/binary", "no-such-command-anywhere"])
 def test_pty_command_not_found(client: ProcessClientSync, cmd: str) -> None:
     with pytest.raises(ConnectError) as info:
@@ -469,10 +484,12 @@ def test_start_deadline_is_a_deadline_error_not_an_exit(envd: EnvdServer) -> Non
     assert wait_until(lambda: not live_group_members(pid))
 
 
-def test_command_not_found(client: ProcessClientSync) -> None:
+@pytest.mark.parametrize("cmd", ["/no/such/binary", "no-such-command-anywhere"])
+def test_command_not_found(client: ProcessClientSync, cmd: str) -> None:
     with pytest.raises(ConnectError) as info:
-        collect(client.start(StartRequest(process=ProcessConfig(cmd="/no/such/binary"))))
+        collect(client.start(StartRequest(process=ProcessConfig(cmd=cmd))))
     assert info.value.code == Code.INVALID_ARGUMENT
+    assert "No such file or directory" in info.value.message
 
 
 def test_no_processes_left_behind(client: ProcessClientSync) -> None:

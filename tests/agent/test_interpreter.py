@@ -433,6 +433,12 @@ def test_dead_kernel_reports_and_recovers(served: Served, tmp_path: Path) -> Non
     assert events[-2]["text"] == "False"
 
 
+def test_kernels_are_the_oom_killers_candidates(sbx: Any) -> None:
+    # A cell that fills the sandbox's memory takes its kernel down, not the agent.
+    ex = sbx.run_code("open('/proc/self/oom_score_adj').read().strip()")
+    assert ex.text == "1000"
+
+
 # -- HTTP errors and housekeeping -------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from coppice.errors import PrerequisiteMissing, SubstrateError
 from coppice.substrates.cgroups import (
     CPU_PERIOD_US,
     V1_CONTROLLERS,
+    V1_VIEW_CONTROLLERS,
     CgroupV1,
     CgroupV2,
     OomCounters,
@@ -36,6 +37,8 @@ def fake_v2(root: Path, controllers: str = "cpuset cpu io memory hugetlb pids rd
     (root / "cgroup.subtree_control").write_text("\n")
     (root / PARENT).mkdir()
     (root / PARENT / "cgroup.subtree_control").write_text("\n")
+    if "cpuset" in controllers.split():
+        (root / PARENT / "cpuset.cpus.effective").write_text("0-3\n")
     return root
 
 
@@ -56,6 +59,20 @@ def fake_v2_child(root: Path, name: str, *, swap: bool = False, kill: bool = Fal
 def fake_v1(root: Path) -> Path:
     for c in V1_CONTROLLERS:
         (root / c).mkdir()
+    return root
+
+
+def fake_v1_with_cpuset(root: Path, cpus: str = "0-3") -> Path:
+    """A v1 host that also mounts cpuset and cpuacct; the parent cpuset as mkdir leaves it
+    (no CPUs, no memory nodes)."""
+    fake_v1(root)
+    for c in V1_VIEW_CONTROLLERS:
+        (root / c).mkdir()
+    (root / "cpuset" / "cpuset.cpus").write_text(f"{cpus}\n")
+    (root / "cpuset" / "cpuset.mems").write_text("0\n")
+    (root / "cpuset" / PARENT).mkdir()
+    for key in ("cpuset.cpus", "cpuset.mems"):
+        (root / "cpuset" / PARENT / key).write_text("\n")
     return root
 
 
@@ -92,17 +109,24 @@ def test_detect_neither_names_what_is_missing(tmp_path: Path) -> None:
 def test_v2_prepare_enables_controllers_on_fake_cgroupfs(tmp_path: Path) -> None:
     root = fake_v2(tmp_path)
     CgroupV2(PARENT, root).prepare()
-    assert (root / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
+    wanted = "+cpu +cpuset +memory +pids"
+    assert (root / "cgroup.subtree_control").read_text() == wanted
+    assert (root / PARENT / "cgroup.subtree_control").read_text() == wanted
+
+
+def test_v2_prepare_without_cpuset_enables_the_rest_on_fake_cgroupfs(tmp_path: Path) -> None:
+    root = fake_v2(tmp_path, controllers="cpu io memory pids")
+    CgroupV2(PARENT, root).prepare()
     assert (root / PARENT / "cgroup.subtree_control").read_text() == "+cpu +memory +pids"
 
 
 def test_v2_prepare_leaves_enabled_controllers_alone_on_fake_cgroupfs(tmp_path: Path) -> None:
     root = fake_v2(tmp_path)
-    (root / "cgroup.subtree_control").write_text("cpu io memory pids\n")
-    (root / PARENT / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    (root / "cgroup.subtree_control").write_text("cpu cpuset io memory pids\n")
+    (root / PARENT / "cgroup.subtree_control").write_text("cpu cpuset memory pids\n")
     CgroupV2(PARENT, root).prepare()
-    assert (root / "cgroup.subtree_control").read_text() == "cpu io memory pids\n"
-    assert (root / PARENT / "cgroup.subtree_control").read_text() == "cpu memory pids\n"
+    assert (root / "cgroup.subtree_control").read_text() == "cpu cpuset io memory pids\n"
+    assert (root / PARENT / "cgroup.subtree_control").read_text() == "cpu cpuset memory pids\n"
 
 
 def test_v2_prepare_without_needed_controllers_on_fake_cgroupfs(tmp_path: Path) -> None:
@@ -122,8 +146,26 @@ def test_v2_create_writes_limits_on_fake_cgroupfs(tmp_path: Path) -> None:
     assert (d / "cpu.max").read_text() == f"150000 {CPU_PERIOD_US}\n"
     # no memory.swap.max file (swap accounting off): nothing is written there
     assert not (d / "memory.swap.max").exists()
+    assert (d / "cpuset.cpus").read_text() == "0-1\n"  # 1.5 CPUs of time run on two
     assert cg.exists("e1")
     assert cg.join_files("e1") == [d / "cgroup.procs"]
+
+
+def test_v2_create_spreads_cpusets_over_the_parents_cpus_on_fake_cgroupfs(
+    tmp_path: Path,
+) -> None:
+    root = fake_v2(tmp_path)
+    cg = CgroupV2(PARENT, root)
+    for name in ("a", "b", "c", "d", "e"):
+        cg.create(name, Limits(cpus=1.0))
+    placed = [(root / PARENT / n / "cpuset.cpus").read_text() for n in "abcde"]
+    assert placed == ["0\n", "1\n", "2\n", "3\n", "0\n"]
+
+
+def test_v2_create_without_cpuset_writes_no_cpus_on_fake_cgroupfs(tmp_path: Path) -> None:
+    root = fake_v2(tmp_path, controllers="cpu io memory pids")
+    CgroupV2(PARENT, root).create("e1", Limits())
+    assert not (root / PARENT / "e1" / "cpuset.cpus").exists()
 
 
 def test_v2_create_turns_swap_off_when_the_kernel_offers_it_on_fake_cgroupfs(
@@ -247,6 +289,44 @@ def test_v1_create_writes_limits_on_fake_cgroupfs(tmp_path: Path) -> None:
         root / c / PARENT / "e1" / "cgroup.procs" for c in V1_CONTROLLERS
     ]
     assert cg.exists("e1")
+
+
+def test_v1_cpuset_and_cpuacct_are_joined_where_mounted_on_fake_cgroupfs(
+    tmp_path: Path,
+) -> None:
+    root = fake_v1_with_cpuset(tmp_path)
+    cg = CgroupV1(PARENT, root)
+    cg.prepare()
+    # the parent gets the host's CPUs and memory nodes, without which nothing can join
+    assert (root / "cpuset" / PARENT / "cpuset.cpus").read_text() == "0-3\n"
+    assert (root / "cpuset" / PARENT / "cpuset.mems").read_text() == "0\n"
+    cg.create("e1", Limits(cpus=1.0))
+    cg.create("e2", Limits(cpus=2.0))
+    cg.create("e3", Limits(cpus=0.5))
+    cg.create("e4", Limits(cpus=1.0))
+    cpus = {n: (root / "cpuset" / PARENT / n / "cpuset.cpus").read_text() for n in cg.names()}
+    assert cpus == {"e1": "0\n", "e2": "1-2\n", "e3": "3\n", "e4": "0\n"}
+    assert (root / "cpuset" / PARENT / "e1" / "cpuset.mems").read_text() == "0\n"
+    assert cg.join_files("e1") == [
+        root / c / PARENT / "e1" / "cgroup.procs" for c in (*V1_CONTROLLERS, "cpuset", "cpuacct")
+    ]
+    assert (root / "cpuacct" / PARENT / "e1").is_dir()
+
+
+def test_v1_prepare_keeps_a_parent_cpuset_already_set_on_fake_cgroupfs(tmp_path: Path) -> None:
+    root = fake_v1_with_cpuset(tmp_path)
+    (root / "cpuset" / PARENT / "cpuset.cpus").write_text("2-3\n")
+    cg = CgroupV1(PARENT, root)
+    cg.prepare()
+    assert (root / "cpuset" / PARENT / "cpuset.cpus").read_text() == "2-3\n"
+    cg.create("e1", Limits(cpus=8.0))  # more than there are: all of the parent's
+    assert (root / "cpuset" / PARENT / "e1" / "cpuset.cpus").read_text() == "2-3\n"
+
+
+def test_v1_cpuacct_mounted_with_cpu_is_joined_once_on_fake_cgroupfs(tmp_path: Path) -> None:
+    root = fake_v1(tmp_path)
+    (root / "cpuacct").symlink_to(root / "cpu")  # as hosts mounting cpu,cpuacct link them
+    assert CgroupV1(PARENT, root).controllers == V1_CONTROLLERS
 
 
 def test_v1_names_exists_and_pids_on_fake_cgroupfs(tmp_path: Path) -> None:

@@ -69,6 +69,9 @@ mkdir -p /run/sshd
 if [ ! -s /etc/ssh/ssh_host_ed25519_key ]; then
     ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 fi
+# The OOM killer spares what runs the sandbox: -1000 here is inherited by sshd and the
+# agent; the agent starts user processes, and sshd its sessions, as its candidates.
+echo -1000 >/proc/self/oom_score_adj
 /usr/sbin/sshd -E /var/log/sshd.log || log "sshd did not start (see /var/log/sshd.log)"
 
 export COPPICE_ENTRY_ID="$entry" COPPICE_IP="$address" COPPICE_HOSTNAME="$name"

@@ -49,6 +49,18 @@ def unmount(target: Path) -> None:
     raise OSError(err, f"cannot unmount {target}: {os.strerror(err)}")
 
 
+def filesystem_at(target: Path) -> str | None:
+    """The type of the filesystem mounted last at `target` (what a path lookup meets), or
+    None when nothing is mounted there."""
+    found = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" ")
+        if fields[4].replace("\\040", " ") == str(target):
+            # After the optional fields, " - " and then the filesystem type.
+            found = fields[fields.index("-", 6) + 1]
+    return found
+
+
 def mounts_under(prefix: Path) -> list[Path]:
     """Mount points at or below `prefix`, deepest first (the order to unmount them in)."""
     found: list[Path] = []

@@ -41,13 +41,14 @@ GUEST_FILES = {
     "init.sh": ("usr/lib/coppice/init", 0o755),
     "agent.py": ("usr/lib/coppice/agent.py", 0o644),
     "vm-init.sh": ("usr/lib/coppice/vm-init", 0o755),
+    "ssh-session.sh": ("usr/lib/coppice/ssh-session", 0o755),
     # A jail's processes have no_new_privs (bwrap), so setuid sudo cannot work there: the
     # shim asks the agent's sudo broker instead, and runs the real sudo where setuid works.
     "sudo.py": ("usr/bin/sudo", 0o755),
 }
 #: what the shared agent layer holds of them (the sudo shim replaces the image's own sudo,
 #: which only a step over the image can do)
-AGENT_LAYER_FILES = ("init.sh", "agent.py", "vm-init.sh")
+AGENT_LAYER_FILES = ("init.sh", "agent.py", "vm-init.sh", "ssh-session.sh")
 SSHD_CONFIG = """\
 # Written by the Coppice template builder.
 HostKey /etc/ssh/ssh_host_ed25519_key
@@ -59,6 +60,8 @@ KbdInteractiveAuthentication no
 UsePAM no
 UseDNS no
 PrintMotd no
+# Sessions run as the OOM killer's candidates, sshd does not (see the script).
+ForceCommand /usr/lib/coppice/ssh-session
 """
 # Runs as root in the build sandbox. 9.8+ penalises sources that connect and leave without
 # authenticating, which is exactly what the pool's readiness probe does.

@@ -3,6 +3,10 @@
 Both drivers expose the same operations: create with limits, the files a launcher writes its
 pid into, freeze/thaw (waiting until the kernel reports the new state), the member pids,
 its OOM counters, kill-everything, and removal. `detect()` picks the one the host runs.
+
+Where the host has a cpuset controller, each cgroup also holds its sandbox to as many CPUs
+as its limit rounds up to (see cpu_placement.py for why), which is what `nproc` and
+`os.sched_getaffinity` inside then report.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +23,13 @@ from typing import Protocol
 from coppice.config import Limits
 from coppice.errors import PrerequisiteMissing, SubstrateError
 from coppice.resource_usage import parse_memory_stat, process_cpu_ticks
+from coppice.substrates.cpu_placement import choose_cpus, format_cpu_list, parse_cpu_list
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+#: v1 controllers joined where the host mounts them: the cpuset holds a sandbox to the CPUs
+#: of its limit, cpuacct accounts its CPU time per CPU (what lxcfs shows as its /proc/stat)
+V1_VIEW_CONTROLLERS = ("cpuset", "cpuacct")
 CPU_PERIOD_US = 100_000
 
 
@@ -125,6 +134,25 @@ def _kill_frozen(driver: CgroupDriver, name: str, timeout_s: float) -> None:
     _wait_for(lambda: not driver.pids(name), timeout_s, f"cgroup {name} to empty")
 
 
+def _read_cpus(path: Path) -> tuple[int, ...]:
+    try:
+        return parse_cpu_list(path.read_text())
+    except (OSError, ValueError):
+        return ()  # a sibling removed, or created but not yet placed, meanwhile
+
+
+def _place_cpus(parent: Path, name: str, available_file: str, cpus: float) -> str:
+    """The cpuset.cpus of a new cgroup `name` under `parent`: spread over the CPUs the
+    fewest siblings hold."""
+    available = _read_cpus(parent / available_file)
+    if not available:
+        raise SubstrateError(f"{parent / available_file} lists no CPUs to place {name} on")
+    held = [
+        _read_cpus(d / "cpuset.cpus") for d in parent.iterdir() if d.is_dir() and d.name != name
+    ]
+    return format_cpu_list(choose_cpus(available, held, cpus))
+
+
 def _rmdir(path: Path) -> None:
     try:
         path.rmdir()
@@ -140,21 +168,43 @@ class CgroupV1:
     def __init__(self, parent: str, root: Path = CGROUP_ROOT) -> None:
         self.parent = parent
         self.root = root
+        # A host that mounts cpu and cpuacct together links both names to one hierarchy.
+        seen = {(root / c).resolve() for c in V1_CONTROLLERS}
+        view = []
+        for c in V1_VIEW_CONTROLLERS:
+            if (root / c).is_dir() and (root / c).resolve() not in seen:
+                seen.add((root / c).resolve())
+                view.append(c)
+        self.controllers: tuple[str, ...] = (*V1_CONTROLLERS, *view)
+        # Placement reads the siblings' CPUs and then writes its own: spawns on threads of
+        # one process must not both see the same CPU as free.
+        self._placing = threading.Lock()
 
     def _dir(self, controller: str, name: str = "") -> Path:
         base = self.root / controller / self.parent
         return base / name if name else base
 
+    @property
+    def _cpuset(self) -> bool:
+        return "cpuset" in self.controllers
+
     def prepare(self) -> None:
-        for c in V1_CONTROLLERS:
+        for c in self.controllers:
             self._dir(c).mkdir(exist_ok=True)
+        if self._cpuset:
+            # A new v1 cpuset starts with no CPUs and no memory nodes, and nothing can
+            # join it until both are set: the parent gets the whole host's.
+            for key in ("cpuset.cpus", "cpuset.mems"):
+                mine = self._dir("cpuset") / key
+                if not mine.read_text().strip():
+                    _write(mine, (self.root / "cpuset" / key).read_text())
 
     def remove_parent(self) -> None:
-        for c in V1_CONTROLLERS:
+        for c in self.controllers:
             _rmdir(self._dir(c))
 
     def create(self, name: str, limits: Limits) -> None:
-        for c in V1_CONTROLLERS:
+        for c in self.controllers:
             self._dir(c, name).mkdir(parents=True, exist_ok=True)
         mem = limits.memory_mb * 1024 * 1024
         _write(self._dir("memory", name) / "memory.limit_in_bytes", f"{mem}\n")
@@ -162,9 +212,15 @@ class CgroupV1:
         quota = int(limits.cpus * CPU_PERIOD_US)
         _write(self._dir("cpu", name) / "cpu.cfs_period_us", f"{CPU_PERIOD_US}\n")
         _write(self._dir("cpu", name) / "cpu.cfs_quota_us", f"{quota}\n")
+        if self._cpuset:
+            parent = self._dir("cpuset")
+            _write(self._dir("cpuset", name) / "cpuset.mems", (parent / "cpuset.mems").read_text())
+            with self._placing:
+                cpus = _place_cpus(parent, name, "cpuset.cpus", limits.cpus)
+                _write(self._dir("cpuset", name) / "cpuset.cpus", f"{cpus}\n")
 
     def join_files(self, name: str) -> list[Path]:
-        return [self._dir(c, name) / "cgroup.procs" for c in V1_CONTROLLERS]
+        return [self._dir(c, name) / "cgroup.procs" for c in self.controllers]
 
     def _state(self, name: str) -> str:
         return (self._dir("freezer", name) / "freezer.state").read_text().strip()
@@ -209,15 +265,15 @@ class CgroupV1:
         _kill_frozen(self, name, timeout_s)
 
     def remove(self, name: str) -> None:
-        for c in V1_CONTROLLERS:
+        for c in self.controllers:
             _rmdir(self._dir(c, name))
 
     def exists(self, name: str) -> bool:
-        return any(self._dir(c, name).is_dir() for c in V1_CONTROLLERS)
+        return any(self._dir(c, name).is_dir() for c in self.controllers)
 
     def names(self) -> set[str]:
         found: set[str] = set()
-        for c in V1_CONTROLLERS:
+        for c in self.controllers:
             base = self._dir(c)
             if base.is_dir():
                 found.update(p.name for p in base.iterdir() if p.is_dir())
@@ -230,15 +286,21 @@ class CgroupV2:
     def __init__(self, parent: str, root: Path = CGROUP_ROOT) -> None:
         self.parent = parent
         self.root = root
+        self._placing = threading.Lock()
 
     def _dir(self, name: str = "") -> Path:
         base = self.root / self.parent
         return base / name if name else base
 
+    def _has_cpuset(self) -> bool:
+        return "cpuset" in (self.root / "cgroup.controllers").read_text().split()
+
     def prepare(self) -> None:
         self._dir().mkdir(exist_ok=True)
         wanted = {"memory", "pids", "cpu"}
         available = set((self.root / "cgroup.controllers").read_text().split())
+        if "cpuset" in available:
+            wanted.add("cpuset")
         missing = wanted - available
         if missing:
             raise PrerequisiteMissing(
@@ -261,6 +323,10 @@ class CgroupV2:
             _write(d / "memory.swap.max", "0\n")
         _write(d / "pids.max", f"{limits.pids}\n")
         _write(d / "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}\n")
+        if self._has_cpuset():
+            with self._placing:
+                cpus = _place_cpus(self._dir(), name, "cpuset.cpus.effective", limits.cpus)
+                _write(d / "cpuset.cpus", f"{cpus}\n")
 
     def join_files(self, name: str) -> list[Path]:
         return [self._dir(name) / "cgroup.procs"]

@@ -13,8 +13,9 @@ The launch is a chain of execs, so the recorded pid stays the jail's top process
   nsenter --net=<netns>               enter the entry's network namespace
   sh -c 'join cgroups; exec ...'      so everything that follows is accounted and freezable
   unshare --user --map-users ...      root inside = uid <base> outside (newuidmap/newgidmap)
-  bwrap ...                           mount, pid, ipc, uts, cgroup namespaces; caps; seccomp
-  /usr/lib/coppice/init               sshd + the agent
+  bwrap ...                           mount, pid, ipc, uts, cgroup namespaces; caps; seccomp;
+                                      lxcfs's files over /proc (the sandbox's own limits)
+  /usr/lib/coppice/init               PID 1 (--as-pid-1): sshd + the agent, reaps orphans
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from coppice.substrates.base import (
 )
 from coppice.substrates.children import Children
 from coppice.substrates.entry_disk import EntryDisks
+from coppice.substrates.lxcfs import LxcfsDaemon, proc_binds
 from coppice.substrates.prerequisites import require_root, require_tools
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
@@ -57,6 +59,8 @@ REQUIRED_TOOLS = {
     "newuidmap": "uidmap",
     "newgidmap": "uidmap",
     "mkfs.ext4": "e2fsprogs",
+    "setsid": "util-linux",
+    "lxcfs": "lxcfs",
 }
 MIB = 1024 * 1024
 #: /run holds pid files, locks and sockets (sshd, the sudo broker): kilobytes. Bounded, like
@@ -82,9 +86,28 @@ CAPABILITIES = (
 )
 # Runs in the entry's network namespace as host root, before any namespace of the jail's own:
 # ports below 1024 open to the jail's root (whose capabilities do not reach this namespace),
-# then it joins the cgroups named in its arguments up to "--" and execs the rest.
+# the OOM killer is told to spare the jail's own processes (below), then it joins the cgroups
+# named in its arguments up to "--" and execs the rest.
+#
+# The OOM killer and the jail: the launcher sets oom_score_adj -1000 (never picked) and
+# everything the jail runs inherits it: init, sshd, the agent and its kernel manager. The
+# agent starts every user process at +1000 (coppice_agent/oom.py), sshd every session, so at
+# the sandbox's memory limit the kernel kills a user process and the agent reports it.
+#
+# The kernel's rule: a write to oom_score_adj by a process with CAP_SYS_RESOURCE (in the
+# host's user namespace, which no jail has) also sets its oom_score_adj_min; forks inherit
+# both; without that capability a process may set any value down to its min. So a user
+# process may lower itself back to -1000. All it gains is being spared too: with nothing left
+# to kill, its sandbox stalls at its own cgroup's memory limit, while the host and every
+# other sandbox are untouched, and killing the sandbox (timeout, kill) still ends it.
+#
+# Where even host root lacks CAP_SYS_RESOURCE (a container host, a restricted CI runner) the
+# write fails and the chain stays at 0 with min 0: user processes at +1000 still always
+# outrank it, they can lower themselves to 0 at most, and the agent can die only of memory
+# it uses itself.
 LAUNCHER = (
     "echo 0 > /proc/sys/net/ipv4/ip_unprivileged_port_start; "
+    "echo -1000 2>/dev/null > /proc/self/oom_score_adj; "
     'while [ "$1" != -- ]; do echo $$ > "$1"; shift; done; shift; exec "$@"'
 )
 
@@ -100,6 +123,7 @@ class JailSubstrate:
         self._children = Children()
         self._filter_path: Path | None = None
         self.disks = EntryDisks(settings.entry_disks_dir)
+        self.lxcfs = LxcfsDaemon(settings.run_dir)
 
     @property
     def network(self) -> NetworkSettings:
@@ -132,6 +156,8 @@ class JailSubstrate:
             raise PrerequisiteMissing(
                 "user namespaces are disabled; `sysctl -w user.max_user_namespaces=15000`"
             )
+        if not Path("/dev/fuse").exists():
+            raise PrerequisiteMissing("lxcfs needs /dev/fuse; load the module: `modprobe fuse`")
         self.cgroups  # noqa: B018 - detection raises PrerequisiteMissing on an unusable host
 
     def prepare_host(self) -> None:
@@ -143,6 +169,7 @@ class JailSubstrate:
         self.settings.entries_dir.mkdir(parents=True, exist_ok=True)
         self.disks.prepare()
         self._seccomp_filter()
+        self.lxcfs.ensure()
 
     def _seccomp_filter(self) -> Path:
         """The compiled filter, compiled once per process rather than once per spawn."""
@@ -152,6 +179,7 @@ class JailSubstrate:
 
     def teardown_host(self) -> None:
         self.egress.remove()
+        self.lxcfs.stop()
         self.link.bridge.remove()
         self.cgroups.remove_parent()
         for path in sorted(self.settings.run_dir.glob("seccomp-*.bpf")):
@@ -191,6 +219,9 @@ class JailSubstrate:
                 ) from exc
             raise SubstrateError(str(exc)) from exc
         self._inject_identity(merged, spec)
+        # Every spawn looks, so a daemon that died is back for the next sandbox (a few
+        # reads: warm time, not checkout).
+        self.lxcfs.ensure()
         self.cgroups.create(spec.entry_id, spec.limits)
         self.link.create(spec.entry_id, spec.ip)
 
@@ -239,6 +270,10 @@ class JailSubstrate:
                 filter_fd,
                 spec.limits,
                 [
+                    *proc_binds(self.lxcfs.mountpoint),
+                    # Our init is PID 1 (no bwrap reaper in front of it), so the jail's
+                    # /proc/1 shows it rather than bwrap's host command line.
+                    "--as-pid-1",
                     "--setenv", "PATH", DEFAULT_PATH,
                     "--setenv", "HOME", "/root",
                     "--chdir", "/root",
