@@ -146,6 +146,8 @@ def test_v2_create_writes_limits_on_fake_cgroupfs(tmp_path: Path) -> None:
     assert (d / "cpu.max").read_text() == f"150000 {CPU_PERIOD_US}\n"
     # no memory.swap.max file (swap accounting off): nothing is written there
     assert not (d / "memory.swap.max").exists()
+    assert not (d / "cpuset.cpus").exists()  # all of the parent's until placed
+    cg.place_cpus("e1", 1.5)
     assert (d / "cpuset.cpus").read_text() == "0-1\n"  # 1.5 CPUs of time run on two
     assert cg.exists("e1")
     assert cg.join_files("e1") == [d / "cgroup.procs"]
@@ -158,13 +160,16 @@ def test_v2_create_spreads_cpusets_over_the_parents_cpus_on_fake_cgroupfs(
     cg = CgroupV2(PARENT, root)
     for name in ("a", "b", "c", "d", "e"):
         cg.create(name, Limits(cpus=1.0))
+        cg.place_cpus(name, 1.0)
     placed = [(root / PARENT / n / "cpuset.cpus").read_text() for n in "abcde"]
     assert placed == ["0\n", "1\n", "2\n", "3\n", "0\n"]
 
 
 def test_v2_create_without_cpuset_writes_no_cpus_on_fake_cgroupfs(tmp_path: Path) -> None:
     root = fake_v2(tmp_path, controllers="cpu io memory pids")
-    CgroupV2(PARENT, root).create("e1", Limits())
+    cg = CgroupV2(PARENT, root)
+    cg.create("e1", Limits())
+    cg.place_cpus("e1", 1.0)
     assert not (root / PARENT / "e1" / "cpuset.cpus").exists()
 
 
@@ -300,13 +305,19 @@ def test_v1_cpuset_and_cpuacct_are_joined_where_mounted_on_fake_cgroupfs(
     # the parent gets the host's CPUs and memory nodes, without which nothing can join
     assert (root / "cpuset" / PARENT / "cpuset.cpus").read_text() == "0-3\n"
     assert (root / "cpuset" / PARENT / "cpuset.mems").read_text() == "0\n"
-    cg.create("e1", Limits(cpus=1.0))
-    cg.create("e2", Limits(cpus=2.0))
-    cg.create("e3", Limits(cpus=0.5))
-    cg.create("e4", Limits(cpus=1.0))
-    cpus = {n: (root / "cpuset" / PARENT / n / "cpuset.cpus").read_text() for n in cg.names()}
-    assert cpus == {"e1": "0\n", "e2": "1-2\n", "e3": "3\n", "e4": "0\n"}
+
+    def cpus() -> dict[str, str]:
+        return {n: (root / "cpuset" / PARENT / n / "cpuset.cpus").read_text() for n in cg.names()}
+
+    for name in ("e1", "e2", "e3", "e4"):
+        cg.create(name, Limits())
+    # Created on all of the parent's CPUs, so sandboxes starting together are spread by the
+    # scheduler; each is placed once it is up.
+    assert cpus() == dict.fromkeys(("e1", "e2", "e3", "e4"), "0-3\n")
     assert (root / "cpuset" / PARENT / "e1" / "cpuset.mems").read_text() == "0\n"
+    for name, limit in (("e1", 1.0), ("e2", 2.0), ("e3", 0.5), ("e4", 1.0)):
+        cg.place_cpus(name, limit)
+    assert cpus() == {"e1": "0\n", "e2": "1-2\n", "e3": "3\n", "e4": "0\n"}
     assert cg.join_files("e1") == [
         root / c / PARENT / "e1" / "cgroup.procs" for c in (*V1_CONTROLLERS, "cpuset", "cpuacct")
     ]
@@ -319,7 +330,8 @@ def test_v1_prepare_keeps_a_parent_cpuset_already_set_on_fake_cgroupfs(tmp_path:
     cg = CgroupV1(PARENT, root)
     cg.prepare()
     assert (root / "cpuset" / PARENT / "cpuset.cpus").read_text() == "2-3\n"
-    cg.create("e1", Limits(cpus=8.0))  # more than there are: all of the parent's
+    cg.create("e1", Limits(cpus=8.0))
+    cg.place_cpus("e1", 8.0)  # more than there are: all of the parent's
     assert (root / "cpuset" / PARENT / "e1" / "cpuset.cpus").read_text() == "2-3\n"
 
 

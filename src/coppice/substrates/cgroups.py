@@ -4,9 +4,11 @@ Both drivers expose the same operations: create with limits, the files a launche
 pid into, freeze/thaw (waiting until the kernel reports the new state), the member pids,
 its OOM counters, kill-everything, and removal. `detect()` picks the one the host runs.
 
-Where the host has a cpuset controller, each cgroup also holds its sandbox to as many CPUs
-as its limit rounds up to (see cpu_placement.py for why), which is what `nproc` and
-`os.sched_getaffinity` inside then report.
+Where the host has a cpuset controller, `place_cpus` narrows a cgroup to as many CPUs as
+its limit rounds up to (see cpu_placement.py for why), which is what `nproc` and
+`os.sched_getaffinity` inside then report. A cgroup starts on all of its parent's CPUs, so
+a burst of sandboxes starting at once is spread by the scheduler, and is placed once it is
+up.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class CgroupDriver(Protocol):
     def prepare(self) -> None: ...
     def remove_parent(self) -> None: ...
     def create(self, name: str, limits: Limits) -> None: ...
+    def place_cpus(self, name: str, cpus: float) -> None: ...
     def join_files(self, name: str) -> list[Path]: ...
     def freeze(self, name: str) -> None: ...
     def thaw(self, name: str) -> None: ...
@@ -142,8 +145,8 @@ def _read_cpus(path: Path) -> tuple[int, ...]:
 
 
 def _place_cpus(parent: Path, name: str, available_file: str, cpus: float) -> str:
-    """The cpuset.cpus of a new cgroup `name` under `parent`: spread over the CPUs the
-    fewest siblings hold."""
+    """The cpuset.cpus for cgroup `name` under `parent`: the CPUs the fewest siblings hold.
+    (Siblings not placed yet hold all of them, which ranks no CPU above another.)"""
     available = _read_cpus(parent / available_file)
     if not available:
         raise SubstrateError(f"{parent / available_file} lists no CPUs to place {name} on")
@@ -213,11 +216,17 @@ class CgroupV1:
         _write(self._dir("cpu", name) / "cpu.cfs_period_us", f"{CPU_PERIOD_US}\n")
         _write(self._dir("cpu", name) / "cpu.cfs_quota_us", f"{quota}\n")
         if self._cpuset:
+            # A new v1 cpuset has no CPUs and no memory nodes: the parent's, until placed.
             parent = self._dir("cpuset")
-            _write(self._dir("cpuset", name) / "cpuset.mems", (parent / "cpuset.mems").read_text())
-            with self._placing:
-                cpus = _place_cpus(parent, name, "cpuset.cpus", limits.cpus)
-                _write(self._dir("cpuset", name) / "cpuset.cpus", f"{cpus}\n")
+            for key in ("cpuset.mems", "cpuset.cpus"):
+                _write(self._dir("cpuset", name) / key, (parent / key).read_text())
+
+    def place_cpus(self, name: str, cpus: float) -> None:
+        if not self._cpuset:
+            return
+        with self._placing:
+            chosen = _place_cpus(self._dir("cpuset"), name, "cpuset.cpus", cpus)
+            _write(self._dir("cpuset", name) / "cpuset.cpus", f"{chosen}\n")
 
     def join_files(self, name: str) -> list[Path]:
         return [self._dir(c, name) / "cgroup.procs" for c in self.controllers]
@@ -323,10 +332,13 @@ class CgroupV2:
             _write(d / "memory.swap.max", "0\n")
         _write(d / "pids.max", f"{limits.pids}\n")
         _write(d / "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}\n")
-        if self._has_cpuset():
-            with self._placing:
-                cpus = _place_cpus(self._dir(), name, "cpuset.cpus.effective", limits.cpus)
-                _write(d / "cpuset.cpus", f"{cpus}\n")
+
+    def place_cpus(self, name: str, cpus: float) -> None:
+        if not self._has_cpuset():
+            return
+        with self._placing:
+            chosen = _place_cpus(self._dir(), name, "cpuset.cpus.effective", cpus)
+            _write(self._dir(name) / "cpuset.cpus", f"{chosen}\n")
 
     def join_files(self, name: str) -> list[Path]:
         return [self._dir(name) / "cgroup.procs"]

@@ -329,6 +329,9 @@ class JailSubstrate:
             is_alive=lambda: self.is_alive(spec.entry_id, handle),
             diagnostics=lambda: self.console_tail(spec.entry_id),
         )
+        # Up on all the host's CPUs (a burst of warms is spread by the scheduler), held to
+        # its own from here on, before any user code runs: what nproc shows.
+        self.cgroups.place_cpus(spec.entry_id, spec.limits.cpus)
 
     def usage(self, entry_id: str, handle: Handle | None) -> ResourceUsage | None:
         entry_dir = self.entry_dir(entry_id)
