@@ -9,13 +9,12 @@ guard (host_guard.py) drops every connection a sandbox opens towards the host's 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from coppice.config import NetworkSettings
 from coppice.errors import SubstrateError
+from coppice.net import sysctl
 from coppice.net.host_guard import HostGuard
 from coppice.store.ipam import mac_for
 
@@ -70,8 +69,8 @@ class HostBridge:
         except NetlinkError as exc:
             raise SubstrateError(f"cannot set up bridge {self.name}: {exc}") from exc
         if created:
-            _sysctl(f"net/ipv4/conf/{self.name}/forwarding", "0")
-        _sysctl(f"net/ipv6/conf/{self.name}/disable_ipv6", "1")
+            sysctl.write(f"net/ipv4/conf/{self.name}/forwarding", "0")
+        sysctl.write(f"net/ipv6/conf/{self.name}/disable_ipv6", "1")
         HostGuard(self.name).ensure()
 
     def remove(self) -> None:
@@ -92,11 +91,3 @@ class HostBridge:
                 for link in ipr.get_links()
                 if link.get_attr("IFLA_MASTER") == idx
             }
-
-
-def _sysctl(key: str, value: str) -> None:
-    path = Path("/proc/sys") / key
-    try:
-        path.write_text(value)
-    except OSError as exc:
-        raise SubstrateError(f"cannot set {key.replace('/', '.')}={value}: {exc}") from exc

@@ -24,9 +24,7 @@ import ipaddress
 import logging
 import os
 import re
-import shutil
 import socket
-import subprocess
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
@@ -39,12 +37,12 @@ from coppice.errors import (
     CapacityExceeded,
     Conflict,
     InvalidRequest,
-    PrerequisiteMissing,
     SubstrateError,
 )
 from coppice.host import mounts
 from coppice.images.file_lock import locked
 from coppice.images.package_sources import PackageSources
+from coppice.net import nft, sysctl
 from coppice.net.package_proxy import PackageProxy
 
 log = logging.getLogger("coppice.build.network")
@@ -190,7 +188,7 @@ class BuildNetwork:
         return value
 
     def __enter__(self) -> BuildNetwork:
-        _require_tools()
+        nft.require()
         pool = build_pool(self.settings)
         sweep_leftovers(self.settings)
         self._lock_fd = _take_lock(_lock_path(self.settings, self.short))
@@ -238,9 +236,12 @@ class BuildNetwork:
                     ipr.link("set", index=idx, ifalias=self.name)
                     ipr.addr("add", index=idx, address=self.host_address, prefixlen=30)
                 # Closed before the link comes up, so not one packet finds it open.
-                _load(confinement_ruleset(self.table, self.host_link, self.host_address, None))
-                _sysctl(f"net/ipv4/conf/{self.host_link}/forwarding", "0")
-                _sysctl(f"net/ipv6/conf/{self.host_link}/disable_ipv6", "1")
+                nft.load(
+                    confinement_ruleset(self.table, self.host_link, self.host_address, None),
+                    "install the build network's firewall",
+                )
+                sysctl.write(f"net/ipv4/conf/{self.host_link}/forwarding", "0")
+                sysctl.write(f"net/ipv6/conf/{self.host_link}/disable_ipv6", "1")
                 ipr.link("set", index=idx, state="up")
             with IPRoute(netns=self.name) as inner:
                 lo = inner.link_lookup(ifname="lo")[0]
@@ -253,7 +254,10 @@ class BuildNetwork:
             raise SubstrateError(f"cannot set up build network {self.name}: {exc}") from exc
         self._proxy = PackageProxy(self.sources.hosts, host=self.host_address).start()
         port = self._proxy.port
-        _load(confinement_ruleset(self.table, self.host_link, self.host_address, port))
+        nft.load(
+            confinement_ruleset(self.table, self.host_link, self.host_address, port),
+            "install the build network's firewall",
+        )
         log.info(
             "build network %s: %s, proxy %s, package sources %s",
             self.name,
@@ -336,8 +340,7 @@ def _shorts_on_host(settings: Settings) -> set[str]:
         if name.startswith(prefix) and _SHORT_ID.fullmatch(name[len(prefix) :])
     }
     table_prefix = table_name(settings, "")
-    for line in _nft_output(["list", "tables", "inet"]).splitlines():
-        table = line.removeprefix("table inet ").strip()
+    for table in nft.tables("inet"):
         if table.startswith(table_prefix) and _SHORT_ID.fullmatch(table[len(table_prefix) :]):
             found.add(table[len(table_prefix) :])
     return found
@@ -364,9 +367,10 @@ def _remove_objects(settings: Settings, short: str) -> None:
         if exc.code != errno.ENODEV:  # it went with its namespace just now
             problems.append(f"veth {link}: {exc}")
     table = table_name(settings, short)
-    done = _nft(f"table inet {table} {{}}\ndelete table inet {table}\n")
-    if done.returncode != 0:
-        problems.append(f"nft table {table}: {done.stderr.strip()}")
+    try:
+        nft.load(f"table inet {table} {{}}\ndelete table inet {table}\n", f"delete {table}")
+    except SubstrateError as exc:
+        problems.append(f"nft table {table}: {exc}")
     if problems:
         raise SubstrateError(
             f"cannot remove all of build network {netns_name(settings, short)} "
@@ -413,35 +417,3 @@ def _in_use(settings: Settings, short: str) -> bool:
     finally:
         os.close(fd)
     return False
-
-
-def _require_tools() -> None:
-    if shutil.which("nft") is None:
-        raise PrerequisiteMissing("nft is not installed (package nftables); run scripts/setup")
-
-
-def _nft(script: str) -> subprocess.CompletedProcess[str]:
-    _require_tools()
-    return subprocess.run(
-        ["nft", "-f", "-"], input=script, capture_output=True, text=True, check=False
-    )
-
-
-def _nft_output(args: list[str]) -> str:
-    _require_tools()
-    done = subprocess.run(["nft", *args], capture_output=True, text=True, check=False)
-    return done.stdout if done.returncode == 0 else ""
-
-
-def _load(script: str) -> None:
-    done = _nft(script)
-    if done.returncode != 0:
-        raise SubstrateError(f"cannot install the build network's firewall: {done.stderr.strip()}")
-
-
-def _sysctl(key: str, value: str) -> None:
-    path = Path("/proc/sys") / key
-    try:
-        path.write_text(value)
-    except OSError as exc:
-        raise SubstrateError(f"cannot set {key.replace('/', '.')}={value}: {exc}") from exc

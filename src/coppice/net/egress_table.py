@@ -13,8 +13,8 @@ from pathlib import Path
 
 from coppice.config import NetworkSettings, Settings
 from coppice.egress_policy import EgressPolicy
-from coppice.errors import InvalidRequest, SubstrateError
-from coppice.net import egress_rules, nft
+from coppice.errors import InvalidRequest
+from coppice.net import egress_rules, nft, sysctl
 from coppice.net.egress_rules import EgressHost
 
 
@@ -61,13 +61,13 @@ class SandboxEgress:
         nft.load(
             egress_rules.base_ruleset(self.host), f"install the egress table of {self.host.bridge}"
         )
-        _sysctl("net/ipv4/ip_forward", "1")
-        _sysctl(f"net/ipv4/conf/{self.host.bridge}/forwarding", "1")
+        sysctl.write("net/ipv4/ip_forward", "1")
+        sysctl.write(f"net/ipv4/conf/{self.host.bridge}/forwarding", "1")
 
     def remove(self) -> None:
         conf = Path(f"/proc/sys/net/ipv4/conf/{self.host.bridge}/forwarding")
         if conf.exists():
-            _sysctl(f"net/ipv4/conf/{self.host.bridge}/forwarding", "0")
+            sysctl.write(f"net/ipv4/conf/{self.host.bridge}/forwarding", "0")
         nft.load(egress_rules.remove_ruleset(self.host), f"remove {self.host.table}")
 
     def set(self, ip: str, policy: EgressPolicy | None) -> None:
@@ -92,11 +92,3 @@ class SandboxEgress:
             if not policy.is_plain(self.host.internet_by_default):
                 script += egress_rules.sandbox_ruleset(self.host, ip, policy)
         nft.load(script, f"restore the egress rules of {self.host.bridge}")
-
-
-def _sysctl(key: str, value: str) -> None:
-    path = Path("/proc/sys") / key
-    try:
-        path.write_text(value)
-    except OSError as exc:
-        raise SubstrateError(f"cannot set {key.replace('/', '.')}={value}: {exc}") from exc
