@@ -11,7 +11,7 @@ from pathlib import Path
 _INSTANCE_LINK = re.compile(r"coppt\d(br|vm)|coppinet\d|coppicetest0|copptestvm0")
 
 
-def _links(namespace: str, own: tuple[str, ...]) -> set[str]:
+def _links(own: tuple[str, ...]) -> set[str]:
     """Coppice-shaped links that are this instance's: its own bridges and links, what hangs
     off its bridges, and loose ones that no other instance's bridge names."""
     found = set()
@@ -52,7 +52,7 @@ class HostSnapshot:
             for line in Path("/proc/mounts").read_text().splitlines()
             if namespace in line.split()[1]
         )
-        links = frozenset(_links(namespace, bridges))
+        links = frozenset(_links(bridges))
         netns_dir = Path("/run/netns")
         netns = (
             frozenset(p.name for p in netns_dir.iterdir() if p.name.startswith(namespace))

@@ -5,7 +5,7 @@ restored from the store at start."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from coppice.config import Settings
@@ -13,7 +13,6 @@ from coppice.egress_policy import EgressPolicy
 from coppice.net.host_guard import HostGuard
 from coppice.net.resolver import DNS_PORT, SandboxResolver, upstreams_from
 from coppice.pool.controller import PoolController
-from coppice.substrates.base import Substrate
 
 log = logging.getLogger("coppice.gateway.dns")
 
@@ -43,7 +42,7 @@ class SandboxNetworkService:
                 str(sub.network.gateway),
                 upstreams,
                 policy_of=self._policy_lookup(name),
-                pin=self._pinner(sub),
+                pin=sub.egress.pin,
             )
             resolver.start()
             self._running.append((resolver, guard))
@@ -66,7 +65,3 @@ class SandboxNetworkService:
             return handed.sandbox.egress
 
         return policy_of
-
-    @staticmethod
-    def _pinner(sub: Substrate) -> Callable[[str, Iterable[str]], None]:
-        return sub.egress.pin

@@ -576,22 +576,22 @@ class Store:
         return out
 
     def set_sandbox_deadline(self, sandbox_id: str, end_at: float, timeout_s: float) -> None:
-        with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE sandboxes SET end_at = ?, timeout_s = ? WHERE id = ?",
-                (end_at, timeout_s, sandbox_id),
-            )
-            if cur.rowcount == 0:
-                raise EntryNotFound(sandbox_id)
+        self._update_sandbox(
+            "UPDATE sandboxes SET end_at = ?, timeout_s = ? WHERE id = ?",
+            (end_at, timeout_s, sandbox_id),
+        )
 
     def set_sandbox_egress(self, sandbox_id: str, egress: EgressPolicy | None) -> None:
+        self._update_sandbox(
+            "UPDATE sandboxes SET egress = ? WHERE id = ?",
+            (egress.to_json() if egress is not None else None, sandbox_id),
+        )
+
+    def _update_sandbox(self, statement: str, values: tuple[object, ...]) -> None:
+        """One UPDATE of one sandbox row, whose id is the statement's last parameter."""
         with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE sandboxes SET egress = ? WHERE id = ?",
-                (egress.to_json() if egress is not None else None, sandbox_id),
-            )
-            if cur.rowcount == 0:
-                raise EntryNotFound(sandbox_id)
+            if conn.execute(statement, values).rowcount == 0:
+                raise EntryNotFound(str(values[-1]))
 
     def apply_if_unchanged(
         self, seen: EntryRecord, event: Event, detail: str = ""
