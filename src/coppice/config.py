@@ -112,10 +112,27 @@ class Settings:
     api_keys_file: str = ""
     #: start a sandbox on demand when its pool is empty (else answer 429 with Retry-After)
     cold_start: bool = True
-    #: how many cold starts may run at once; more concurrent misses wait for one
-    cold_start_parallelism: int = 4
-    #: how long a create waits for a cold-start slot (or a refill) before its 429
-    cold_start_wait_s: float = 30.0
+    #: entries the host starts at once, cold starts and refills together (0: two per CPU);
+    #: a refill takes a slot only while no create is waiting for one
+    spawn_slots: int = 0
+    #: how long a create may wait for an entry (a refill landing or a cold start) before
+    #: its 429 with Retry-After; one that would wait longer at the rate entries arrive is
+    #: refused at once
+    admission_deadline_s: float = 30.0
+    #: creates that may wait at once, over all templates
+    admission_queue_max: int = 1000
+    #: sandboxes and warm entries the host holds at most, over all templates (0: as many as
+    #: the substrates have addresses)
+    max_sandboxes: int = 0
+    #: below this much available memory (MemAvailable) the host starts no more entries
+    min_free_memory_mb: int = 256
+    #: the most warm entries a template's pool grows to when demand asks for more
+    pool_max: int = 100
+    #: memory all warm pools may hold together (0: a quarter of the host's RAM); a pool that
+    #: would grow past it stops at what fits, never below its configured size
+    pool_memory_mb: int = 0
+    #: how long a burst of creates keeps its pool large (seconds since the burst)
+    pool_burst_memory_s: float = 600.0
     default_timeout_s: int = 300
     max_timeout_s: int = 86400
     #: how long a sandbox that died (out of memory, a crash, a host restart) is remembered:

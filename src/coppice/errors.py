@@ -145,9 +145,11 @@ class IllegalTransition(Conflict):
 class PoolExhausted(CoppiceError):
     http_status = 429
 
-    def __init__(self, template: str, retry_after_s: float = 1.0) -> None:
+    def __init__(self, template: str, retry_after_s: float = 1.0, why: str = "") -> None:
         super().__init__(
-            f"no available entry in pool {template!r}; "
+            f"no entry for template {template!r}: {why}; retry after {retry_after_s:.0f} s"
+            if why
+            else f"no available entry in pool {template!r}; "
             f"warm more with `coppice pool warm {template} --count N`"
         )
         self.template = template

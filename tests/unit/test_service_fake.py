@@ -70,7 +70,7 @@ def test_create_takes_a_pool_entry_and_refill_replaces_it(svc: Service) -> None:
 def test_an_empty_pool_starts_cold_or_answers_429(tmp_path: Path) -> None:
     cold = Service(fake_pool(tmp_path / "a"), target=0)
     handed, _ = cold.service.create(_request(), tenant(), None)
-    assert cold.pool.fake.calls_for(handed.sandbox.id) == ["spawn", "wait_ready"]
+    assert cold.pool.fake.calls_for(handed.sandbox.id) == ["spawn", "wait_ready", "resume"]
 
     strict = Service(fake_pool(tmp_path / "b", COPPICE_COLD_START="false"), target=0)
     with pytest.raises(PoolExhausted) as info:
@@ -78,10 +78,10 @@ def test_an_empty_pool_starts_cold_or_answers_429(tmp_path: Path) -> None:
     assert info.value.http_status == 429 and info.value.retry_after_s >= 1
 
 
-def test_creates_beyond_the_cold_start_slots_wait_for_one_instead_of_429(
+def test_creates_beyond_the_spawn_slots_wait_for_one_instead_of_429(
     tmp_path: Path,
 ) -> None:
-    pool = fake_pool(tmp_path, COPPICE_COLD_START_PARALLELISM="1")
+    pool = fake_pool(tmp_path, COPPICE_SPAWN_SLOTS="1")
     started = threading.Event()
     release = threading.Event()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from coppice.cli.render import RichProgress, entries_table, err, out
+from coppice.cli.render import RichProgress, entries_table, err, out, pools_table
 from coppice.config import Limits, Settings
 from coppice.errors import CoppiceError, InvalidRequest, PrerequisiteMissing
 from coppice.gateway.runner import GatewayRunner
@@ -255,11 +255,17 @@ def pool_drain(template_name: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--template", "template_name", default=None)
 def pool_list(as_json: bool, template_name: str | None) -> None:
-    """Show pool entries."""
-    entries = _controller().list(template_name)
+    """Show each pool (size, the gateway's target and why) and its entries."""
+    controller = _controller()
+    entries = controller.list(template_name)
+    targets = controller.store.pool_targets()
+    if template_name is not None:
+        targets = {k: v for k, v in targets.items() if k == template_name}
     if as_json:
         click.echo(json.dumps([e.as_json() for e in entries], indent=2))
     else:
+        pools_table(entries, targets)
+        out.print()
         entries_table(entries)
 
 

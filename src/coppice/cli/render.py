@@ -16,7 +16,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from coppice.store.records import EntryRecord
+from coppice.lifecycle import State
+from coppice.store.records import EntryRecord, PoolTargetRecord
 
 out = Console()
 err = Console(stderr=True)
@@ -88,5 +89,29 @@ def entries_table(entries: list[EntryRecord]) -> None:
             e.ip,
             str(pid) if pid else "-",
             f"{now - e.created_at:.0f}s",
+        )
+    out.print(table)
+
+
+def pools_table(entries: list[EntryRecord], targets: dict[str, PoolTargetRecord]) -> None:
+    """One line per pool: its size by state, and the target the gateway last set and why."""
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("pool", "available", "warming", "in use", "target", "why", "waiting", "decided"):
+        table.add_column(col)
+    now = time.time()
+    for template in sorted({e.template for e in entries} | set(targets)):
+        mine = [e for e in entries if e.template == template]
+        decided = targets.get(template)
+        table.add_row(
+            template,
+            str(sum(1 for e in mine if e.state is State.AVAILABLE)),
+            str(sum(1 for e in mine if e.state is State.WARMING)),
+            str(sum(1 for e in mine if e.state in (State.IN_USE, State.PAUSED))),
+            str(decided.target) if decided else "-",
+            decided.why if decided else "no gateway has kept it",
+            str(decided.waiting) if decided else "-",
+            f"{now - decided.decided_at:.0f}s ago" if decided else "-",
         )
     out.print(table)

@@ -530,7 +530,12 @@ def build_gateway(
         notices=SandboxNotices(),
         on_tick=sandbox_metrics.sample_if_due,
     )
-    counted.watch_store(controller.store, keeper.targets)
+    counted.watch_store(
+        controller.store,
+        keeper.targets,
+        lambda: {t: d.why.value for t, d in keeper.decisions().items()},
+        keeper.admission.waiting_by_template,
+    )
     catalog = TemplateCatalog(controller.store, settings.limits)
     service = SandboxService(settings, controller, keeper, catalog, counted)
     directory = SandboxDirectory(controller.store.get_sandbox)

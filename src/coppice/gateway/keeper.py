@@ -1,5 +1,6 @@
 """The service's background duties, on threads of their own so no request waits for them:
-keep every configured pool at its target size, tear down killed sandboxes, act on expired
+keep every pool at the size its demand asks for (`pool.demand`), one entry per spawn slot
+and only while no create waits for a slot, tear down killed sandboxes, act on expired
 timeouts (kill, or pause when the sandbox asked for auto-pause), notice sandboxes that died
 (and say why), and reconcile now and then.
 """
@@ -7,16 +8,21 @@ timeouts (kill, or pause when the sandbox asked for auto-pause), notice sandboxe
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 from coppice.errors import CoppiceError, EntryNotFound, IllegalTransition
+from coppice.gateway.admission import AdmissionQueue, SpawnSlots
+from coppice.gateway.host_room import HostRoom
 from coppice.gateway.notices import SandboxNotices
 from coppice.lifecycle import Event, State
+from coppice.pool import demand
 from coppice.pool.controller import PoolController
-from coppice.store.records import EntryRecord, TombstoneRecord
+from coppice.store.records import EntryRecord, PoolTargetRecord, TombstoneRecord
 from coppice.store.store import Applied
 
 log = logging.getLogger("coppice.keeper")
@@ -26,6 +32,12 @@ MAX_BACKOFF_S = 60.0
 WATCH_EVERY_S = 1.0
 #: how often running sandboxes' OOM counters are read (a cgroup file each)
 OOM_READ_EVERY_S = 5.0
+#: entries a pool sheds per pass when its demand has fallen: it shrinks over a few seconds
+SHRINK_PER_PASS = 4
+
+
+def default_spawn_slots() -> int:
+    return 2 * max(1, len(os.sched_getaffinity(0)))
 
 
 class PoolKeeper:
@@ -50,8 +62,29 @@ class PoolKeeper:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._warms: dict[str, Future[None]] = {}
-        self._warm_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refill")
+        settings = controller.settings
+        #: creates waiting for an entry; their order and the slots they share with refills
+        self.admission = AdmissionQueue(settings.admission_queue_max)
+        self.slots = SpawnSlots(
+            settings.spawn_slots or default_spawn_slots(),
+            held_back=lambda: self.admission.waiting() > 0,
+            on_release=self.admission.wake,
+        )
+        self.room = HostRoom(controller)
+        self.demand = demand.DemandSettings(
+            maximum=settings.pool_max, remember_s=settings.pool_burst_memory_s
+        )
+        #: each template's recent creates (unix times, ascending), what its target follows
+        self._creates: dict[str, deque[float]] = {}
+        #: each pool's target as last decided, with why
+        self._decided: dict[str, demand.Target] = {}
+        #: the waiting count last written beside each decision
+        self._told: dict[str, int] = {}
+        #: refills submitted and not finished, per template
+        self._pending: Counter[str] = Counter()
+        self._warm_pool = ThreadPoolExecutor(
+            max_workers=self.slots.count, thread_name_prefix="refill"
+        )
         self._teardowns = ThreadPoolExecutor(max_workers=4, thread_name_prefix="teardown")
         self._last_reconcile = time.monotonic()
         self._last_watch = 0.0
@@ -91,10 +124,10 @@ class PoolKeeper:
         """A new version of `template` was built: its available entries, which run the old
         one, are torn down and the refill warms the new one in their place. Sandboxes in use
         keep the version they started with. Returns the entries replaced."""
-        running = self._warms.get(template)
-        if running is not None:
-            # A refill under way may have read the old version: let its entries land first.
-            wait([running])
+        # A refill under way may have read the old version: let its entries land first.
+        deadline = time.monotonic() + 2 * self.controller.settings.ready_timeout_s
+        while self.pending(template) and time.monotonic() < deadline:
+            time.sleep(0.02)
         replaced = []
         for entry in self.store.list_entries(template):
             if entry.state is not State.AVAILABLE:
@@ -133,9 +166,9 @@ class PoolKeeper:
                 log.exception("pool keeper pass failed; retrying on the next tick")
             self._wake.wait(self.tick_s)
 
-    def targets(self) -> dict[str, int]:
-        """Every pool to keep at size: the configured ones, and templates that carry a
-        target of their own (built through the build API)."""
+    def bases(self) -> dict[str, int]:
+        """Every pool's configured size: the configured ones (pool_targets), and templates
+        that carry a target of their own (built through the build API)."""
         found = {
             t.name: t.policy.pool_target
             for t in self.store.list_templates()
@@ -143,38 +176,119 @@ class PoolKeeper:
         }
         return {**found, **self.configured}
 
+    def targets(self) -> dict[str, int]:
+        """Every pool's target as last decided (its base until the keeper has looked)."""
+        with self._lock:
+            decided = {t: d.count for t, d in self._decided.items()}
+        return {**self.bases(), **decided}
+
+    def decisions(self) -> dict[str, demand.Target]:
+        with self._lock:
+            return dict(self._decided)
+
+    def pending(self, template: str) -> int:
+        with self._lock:
+            return self._pending[template]
+
+    def record_create(self, template: str, at: float | None = None) -> None:
+        """A create asked for `template` (served from the pool or not): demand to follow."""
+        with self._lock:
+            self._creates.setdefault(template, deque()).append(time.time() if at is None else at)
+        self._wake.set()
+
+    def decide(self, template: str, base: int, now: float) -> demand.Target:
+        with self._lock:
+            creates = self._creates.setdefault(template, deque())
+            demand.forget_before(creates, now, self.demand)
+            seen = list(creates)
+        room = self.room.warm_entries_room(template)
+        decided = demand.target(base, seen, now, self.demand, room)
+        waiting = self.admission.waiting(template)
+        with self._lock:
+            before = self._decided.get(template)
+            self._decided[template] = decided
+            if not creates and decided.count == 0:
+                self._creates.pop(template, None)
+            told = self._told.get(template)
+            self._told[template] = waiting
+        if before != decided or told != waiting:
+            # For `coppice pool list`, which runs in a process of its own.
+            self.store.set_pool_target(
+                PoolTargetRecord(
+                    template, decided.count, decided.describe(), decided.wanted, waiting, now
+                )
+            )
+        return decided
+
     def refill(self) -> None:
-        now = time.monotonic()
-        for template, target in self.targets().items():
-            running = self._warms.get(template)
-            if running is not None and not running.done():
-                continue
+        """Bring every pool toward its target: one refill per free spawn slot (none while a
+        create waits for a slot), and shed what a pool holds beyond it."""
+        now = time.time()
+        bases = self.bases()
+        with self._lock:
+            templates = sorted(set(bases) | set(self._creates) | set(self._decided))
+        for template in templates:
             with self._lock:
                 backoff = self._backoff.get(template)
-            if backoff is not None and now < backoff[0]:
+            if backoff is not None and time.monotonic() < backoff[0]:
                 continue
             try:
-                missing = target - self.controller.pool_size(template)
+                available = self.controller.available_count(template)
+                substrate = self.store.get_template(template).substrate
             except CoppiceError:
-                continue
-            if missing > 0:
-                self._warms[template] = self._warm_pool.submit(self._warm, template, missing)
+                continue  # removed meanwhile
+            target = self.decide(template, bases.get(template, 0), now).count
+            missing = target - available - self.pending(template)
+            if missing < 0:
+                self._shrink(template, min(-missing, SHRINK_PER_PASS))
+            while (
+                missing > 0
+                and self.room.can_start(substrate) is None
+                and self.slots.try_for_refill()
+            ):
+                with self._lock:
+                    self._pending[template] += 1
+                missing -= 1
+                self._warm_pool.submit(self._warm, template)
 
-    def _warm(self, template: str, count: int) -> None:
+    def _shrink(self, template: str, count: int) -> None:
+        """Tear down `count` of the pool's available entries, the longest-waiting first."""
+        for entry in self.store.list_entries(template):
+            if count <= 0:
+                return
+            if entry.state is not State.AVAILABLE:
+                continue
+            try:
+                applied = self.store.apply_if_unchanged(entry, Event.DRAIN, "demand fell")
+            except (EntryNotFound, IllegalTransition):
+                continue
+            if applied is not None:
+                self._teardowns.submit(self._guarded, "shrink", entry.id, applied)
+                count -= 1
+
+    def _warm(self, template: str) -> None:
+        """One refill in a spawn slot the caller claimed."""
+        started = False
         try:
-            report = self.controller.warm(template, count)
+            report = self.controller.warm(template, 1)
+            started = bool(report.started)
+            for failure in report.failures:
+                log.warning("refilling %s: %s", template, failure)
+            if started:
+                with self._lock:
+                    self._backoff.pop(template, None)
+            else:
+                self._failed(template)
         except CoppiceError as exc:
             log.warning("refilling %s: %s", template, exc)
             self._failed(template)
-            return
-        for failure in report.failures:
-            log.warning("refilling %s: %s", template, failure)
-        if report.failures and not report.started:
-            self._failed(template)
-        else:
+        finally:
             with self._lock:
-                self._backoff.pop(template, None)
-        self._wake.set()
+                self._pending[template] -= 1
+            self.slots.release()
+            if started:
+                self.admission.supplied()
+            self._wake.set()
 
     def _failed(self, template: str) -> None:
         """Nothing of `template` came up: try again later, and later still each time, so a

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ from coppice.errors import (
     SandboxNotFound,
     TemplateNotFound,
 )
+from coppice.gateway.admission import Refusal
 from coppice.gateway.auth import Principal
 from coppice.gateway.catalog import TemplateCatalog
 from coppice.gateway.keeper import PoolKeeper
@@ -63,7 +63,6 @@ class SandboxService:
         self.keeper = keeper
         self.catalog = catalog
         self.metrics = metrics or ServiceMetrics()
-        self._cold_starts = threading.BoundedSemaphore(settings.cold_start_parallelism)
 
     def limits(self, template: str) -> Limits:
         """The limits sandboxes of `template` run with (as it was built)."""
@@ -101,10 +100,11 @@ class SandboxService:
             traffic_token=None if req.public_traffic else secrets.token_urlsafe(24),
             egress=req.egress,
         )
+        self.keeper.record_create(template.name)
         try:
             entry = self.controller.checkout(template.name, record)
         except PoolExhausted as exc:
-            entry = self._cold_start(template, record, exc)
+            entry = self._wait_for_entry(template, record, exc)
         finally:
             self.keeper.wake()  # the pool just shrank (or tried to): refill
         handed = self.store.get_sandbox(entry.id)
@@ -112,31 +112,45 @@ class SandboxService:
             raise SandboxNotFound(entry.id)
         return handed, True
 
-    def _cold_start(
+    def _wait_for_entry(
         self, template: TemplateRecord, record: SandboxRecord, empty: PoolExhausted
     ) -> EntryRecord:
+        """The pool was empty: wait in line for an entry that lands in the pool or for a
+        spawn slot to start one in, whichever comes first; a 429 only when waiting cannot
+        help (the host is full, or the wait would pass the admission deadline)."""
         if not self.settings.cold_start or not template.policy.cold_start:
             self.metrics.rejected(template.name, "cold_start_off")
             raise empty
-        # Every cold-start slot busy: wait (bounded) for a slot or for a refill to land in
-        # the pool, whichever comes first, rather than answer 429 to a create the host
-        # will have room for in a moment.
-        deadline = time.monotonic() + self.settings.cold_start_wait_s
-        while not self._cold_starts.acquire(timeout=0.1):
+        admission, slots = self.keeper.admission, self.keeper.slots
+
+        def attempt() -> EntryRecord | bool | None:
             try:
                 return self.controller.checkout(template.name, record)
             except PoolExhausted:
                 pass
-            if time.monotonic() > deadline:
-                self.metrics.rejected(template.name, "cold_start_busy")
-                raise PoolExhausted(template.name, retry_after_s=1.0) from None
+            return True if slots.try_for_request() else None
+
+        got = admission.serve(
+            template.name,
+            self.settings.admission_deadline_s,
+            attempt,
+            lambda: self.keeper.room.can_start(template.substrate),
+        )
+        if isinstance(got, Refusal):
+            self.metrics.rejected(template.name, got.reason)
+            raise PoolExhausted(template.name, got.retry_after_s, got.message) from None
+        if isinstance(got, EntryRecord):
+            return got
+        # A slot of our own (the next create in line is at the head already): start one.
         try:
-            return self.controller.start_cold(template.name, record)
+            entry = self.controller.start_cold(template.name, record)
         except CapacityExceeded as exc:
-            self.metrics.rejected(template.name, "no_capacity")
-            raise PoolExhausted(template.name, retry_after_s=2.0) from exc
+            self.metrics.rejected(template.name, "at_capacity")
+            raise PoolExhausted(template.name, 2.0, str(exc)) from exc
         finally:
-            self._cold_starts.release()
+            slots.release()
+        admission.supplied()
+        return entry
 
     # -- read -----------------------------------------------------------------------------------
 

@@ -45,8 +45,9 @@ class ServiceMetrics:
         self.rejected_creates = Counter(
             "coppice_rejected_creates",
             "Creates answered 429, by reason: cold_start_off (the pool was empty and cold "
-            "starts are off), cold_start_busy (no cold-start slot or refill came in time), "
-            "no_capacity (no address left for another sandbox)",
+            "starts are off), queue_full (admission_queue_max creates were waiting), "
+            "at_capacity (the host is at max_sandboxes, its addresses or min_free_memory_mb), "
+            "deadline (no entry would come within admission_deadline_s)",
             ["template", "reason"],
             registry=r,
         )
@@ -87,10 +88,17 @@ class ServiceMetrics:
         self._oom_counted: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def watch_store(self, store: Store, targets: Callable[[], dict[str, int]]) -> None:
+    def watch_store(
+        self,
+        store: Store,
+        targets: Callable[[], dict[str, int]],
+        reasons: Callable[[], dict[str, str]] = dict,
+        waiting: Callable[[], dict[str, int]] = dict,
+    ) -> None:
         """Report the store's sandboxes and pools at every scrape; `targets` says each
-        pool's target size (the keeper's)."""
-        self.registry.register(PoolCollector(store, targets))
+        pool's target size (the keeper's), `reasons` why, `waiting` the creates waiting for
+        an entry."""
+        self.registry.register(PoolCollector(store, targets, reasons, waiting))
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The scrape's body and its content type, in the format the scraper's Accept header
@@ -141,9 +149,17 @@ class PoolCollector:
     """Gauges read from the store when scraped: every template built or kept at size
     appears, with zeros, so a pool that empties is seen emptying rather than vanishing."""
 
-    def __init__(self, store: Store, targets: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        targets: Callable[[], dict[str, int]],
+        reasons: Callable[[], dict[str, str]] = dict,
+        waiting: Callable[[], dict[str, int]] = dict,
+    ) -> None:
         self.store = store
         self.targets = targets
+        self.reasons = reasons
+        self.waiting = waiting
 
     def describe(self) -> Iterable[Metric]:
         return list(self._families())
@@ -157,14 +173,18 @@ class PoolCollector:
             | {e.template for e in entries}
         )
         by_state = Tally((e.template, e.state) for e in entries)
-        states, size, target = self._families()
+        reasons, waiting = self.reasons(), self.waiting()
+        states, size, target, why, queued = self._families()
         for template in templates:
             for state in SEEN_STATES:
                 states.add_metric([template, state.value], by_state[(template, state)])
             ready = by_state[(template, State.AVAILABLE)] + by_state[(template, State.WARMING)]
             size.add_metric([template], ready)
             target.add_metric([template], targets.get(template, 0))
-        return [states, size, target]
+            if template in reasons:
+                why.add_metric([template, reasons[template]], 1)
+            queued.add_metric([template], waiting.get(template, 0))
+        return [states, size, target, why, queued]
 
     @staticmethod
     def _families() -> Iterator[GaugeMetricFamily]:
@@ -181,6 +201,18 @@ class PoolCollector:
         )
         yield GaugeMetricFamily(
             "coppice_pool_target",
-            "Entries the gateway keeps the pool at (0: not kept)",
+            "Entries the gateway keeps the pool at (0: not kept); it follows demand",
+            labels=["template"],
+        )
+        yield GaugeMetricFamily(
+            "coppice_pool_target_reason",
+            "Why the pool's target is what it is (1 for the reason in force): base (its "
+            "configured size), rate (the recent create rate), burst (the largest burst "
+            "remembered), maximum or memory (a cap held it below what demand asks for)",
+            labels=["template", "reason"],
+        )
+        yield GaugeMetricFamily(
+            "coppice_admission_waiting",
+            "Creates waiting for an entry (a refill or a spawn slot for a cold start)",
             labels=["template"],
         )

@@ -41,8 +41,6 @@ from coppice.substrates.post_mortem import PostMortem
 
 log = logging.getLogger("coppice.pool")
 
-log = logging.getLogger("coppice.pool")
-
 
 @dataclass
 class WarmReport:
@@ -250,6 +248,9 @@ class PoolController:
                 self.perform(self.store.apply(fresh.id, Event.FAIL, str(exc)))
             raise SubstrateError(f"cold start of {fresh.id} was cancelled: {exc}") from exc
         self._egress_or_return(entry, sandbox)
+        # Never paused, so never resumed: a resume (of a running entry) gives it a serving
+        # sandbox's CPU share.
+        self.substrate(template.substrate).resume(entry.id, entry.handle)
         self.observer.cold_started(template.name)
         return entry
 
@@ -300,6 +301,11 @@ class PoolController:
         applied = self.store.apply(entry_id, Event.RESUME)
         self.perform(applied)
         return applied.entry
+
+    def available_count(self, template_name: str) -> int:
+        """Entries warm in the pool now, ready for checkout."""
+        self.store.get_template(template_name)
+        return sum(1 for e in self.store.list_entries(template_name) if e.state is State.AVAILABLE)
 
     def pool_size(self, template_name: str) -> int:
         """Entries that are, or are about to be, available for checkout."""

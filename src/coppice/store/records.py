@@ -291,6 +291,30 @@ class HandedOut:
 
 
 @dataclass(frozen=True)
+class PoolTargetRecord:
+    """A pool's target as the gateway last decided it: `why` says what set it (base, rate,
+    burst, or the cap that held it below `wanted`); `waiting`: creates waiting then."""
+
+    template: str
+    target: int
+    why: str
+    wanted: int
+    waiting: int
+    decided_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> PoolTargetRecord:
+        return cls(
+            row["template"],
+            row["target"],
+            row["why"],
+            row["wanted"],
+            row["waiting"],
+            row["decided_at"],
+        )
+
+
+@dataclass(frozen=True)
 class TombstoneRecord:
     """A sandbox that died (not one killed by its user or its timeout): who had it, when it
     died, why (`reason` a word, `detail` a sentence) and the last lines of its console. The

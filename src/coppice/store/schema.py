@@ -125,6 +125,18 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE sandboxes ADD COLUMN egress TEXT;
     """,
+    # 8: each pool's target as the gateway's keeper last decided it, and why, so that the
+    # CLI (another process) shows what the service is doing
+    """
+    CREATE TABLE pool_targets (
+        template   TEXT PRIMARY KEY,
+        target     INTEGER NOT NULL,
+        why        TEXT NOT NULL,
+        wanted     INTEGER NOT NULL,
+        waiting    INTEGER NOT NULL,
+        decided_at REAL NOT NULL
+    );
+    """,
 )
 
 

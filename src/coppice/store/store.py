@@ -42,6 +42,7 @@ from coppice.store.records import (
     EntryRecord,
     HandedOut,
     Handle,
+    PoolTargetRecord,
     SandboxRecord,
     TemplateBuildRecord,
     TemplateRecord,
@@ -661,6 +662,27 @@ class Store:
         with self._write() as conn:
             cur = conn.execute("DELETE FROM tombstones WHERE died_at < ?", (before,))
         return cur.rowcount
+
+    # -- pool targets ---------------------------------------------------------------------------
+
+    def set_pool_target(self, record: PoolTargetRecord) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO pool_targets"
+                " (template, target, why, wanted, waiting, decided_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.template,
+                    record.target,
+                    record.why,
+                    record.wanted,
+                    record.waiting,
+                    record.decided_at,
+                ),
+            )
+
+    def pool_targets(self) -> dict[str, PoolTargetRecord]:
+        rows = self._conn().execute("SELECT * FROM pool_targets").fetchall()
+        return {row["template"]: PoolTargetRecord.from_row(row) for row in rows}
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:

@@ -63,6 +63,14 @@ def _counters(text: str) -> dict[str, int]:
     return found
 
 
+#: CPU weight of an entry while it warms, and from its hand-out on (v1 cpu.shares, v2
+#: cpu.weight; 1024 and 100 are the kernel's defaults). Warming entries get a sixteenth of a
+#: serving one's share when both want the CPU: refills yield to the sandboxes in use, and
+#: take whatever is idle.
+V1_SHARES_WARMING, V1_SHARES_SERVING = 64, 1024
+V2_WEIGHT_WARMING, V2_WEIGHT_SERVING = 6, 100
+
+
 def _limit(text: str) -> int:
     value = text.strip()
     return int(value) if value.isdigit() else 0
@@ -88,6 +96,7 @@ class CgroupDriver(Protocol):
     def remove_parent(self) -> None: ...
     def create(self, name: str, limits: Limits) -> None: ...
     def place_cpus(self, name: str, cpus: float) -> None: ...
+    def set_serving(self, name: str) -> None: ...
     def join_files(self, name: str) -> list[Path]: ...
     def freeze(self, name: str) -> None: ...
     def thaw(self, name: str) -> None: ...
@@ -215,6 +224,7 @@ class CgroupV1:
         quota = int(limits.cpus * CPU_PERIOD_US)
         _write(self._dir("cpu", name) / "cpu.cfs_period_us", f"{CPU_PERIOD_US}\n")
         _write(self._dir("cpu", name) / "cpu.cfs_quota_us", f"{quota}\n")
+        _write(self._dir("cpu", name) / "cpu.shares", f"{V1_SHARES_WARMING}\n")
         if self._cpuset:
             # A new v1 cpuset has no CPUs and no memory nodes: the parent's, until placed.
             parent = self._dir("cpuset")
@@ -227,6 +237,9 @@ class CgroupV1:
         with self._placing:
             chosen = _place_cpus(self._dir("cpuset"), name, "cpuset.cpus", cpus)
             _write(self._dir("cpuset", name) / "cpuset.cpus", f"{chosen}\n")
+
+    def set_serving(self, name: str) -> None:
+        _write(self._dir("cpu", name) / "cpu.shares", f"{V1_SHARES_SERVING}\n")
 
     def join_files(self, name: str) -> list[Path]:
         return [self._dir(c, name) / "cgroup.procs" for c in self.controllers]
@@ -332,6 +345,7 @@ class CgroupV2:
             _write(d / "memory.swap.max", "0\n")
         _write(d / "pids.max", f"{limits.pids}\n")
         _write(d / "cpu.max", f"{int(limits.cpus * CPU_PERIOD_US)} {CPU_PERIOD_US}\n")
+        _write(d / "cpu.weight", f"{V2_WEIGHT_WARMING}\n")
 
     def place_cpus(self, name: str, cpus: float) -> None:
         if not self._has_cpuset():
@@ -339,6 +353,9 @@ class CgroupV2:
         with self._placing:
             chosen = _place_cpus(self._dir(), name, "cpuset.cpus.effective", cpus)
             _write(self._dir(name) / "cpuset.cpus", f"{chosen}\n")
+
+    def set_serving(self, name: str) -> None:
+        _write(self._dir(name) / "cpu.weight", f"{V2_WEIGHT_SERVING}\n")
 
     def join_files(self, name: str) -> list[Path]:
         return [self._dir(name) / "cgroup.procs"]

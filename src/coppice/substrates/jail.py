@@ -366,6 +366,8 @@ class JailSubstrate:
         self.cgroups.freeze(entry_id)
 
     def resume(self, entry_id: str, handle: Handle | None) -> None:
+        # Every resume is of a sandbox someone uses: its full CPU share from here on.
+        self.cgroups.set_serving(entry_id)
         self.cgroups.thaw(entry_id)
 
     def is_alive(self, entry_id: str, handle: Handle | None) -> bool:
