@@ -20,51 +20,17 @@ import json
 import multiprocessing
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-
-import httpx
 
 from coppice.config import Settings
 from coppice.lifecycle import State
 from coppice.store.store import Store
 from latency_stats import percentiles
+from serve_process import start_gateway, stop_gateway
 
 API_KEY = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_gateway(pool: int, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {**os.environ, "COPPICE_API_KEYS": API_KEY, "COPPICE_POOL_TARGETS": f"python={pool}"}
-    exe = str(Path(sys.executable).with_name("coppice"))
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [exe, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"coppice serve exited; see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"coppice serve did not come up; see {log}")
 
 
 def wait_for_pool(store: Store, template: str, at_least: int, timeout_s: float = 300) -> None:
@@ -162,7 +128,9 @@ def main() -> None:
     settings = Settings.load()
     store = Store(settings.database_path)
     log = Path("/tmp/coppice-gateway-bench.log")
-    proc, url = start_gateway(args.pool, log)
+    proc, url = start_gateway(
+        log, {"COPPICE_API_KEYS": API_KEY, "COPPICE_POOL_TARGETS": f"python={args.pool}"}
+    )
     env = {"E2B_API_URL": url, "E2B_SANDBOX_URL": url, "E2B_API_KEY": API_KEY}
     clients = Clients(10, env)
     results: dict[str, dict[str, float]] = {}
@@ -189,8 +157,7 @@ def main() -> None:
                 )
     finally:
         clients.close()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        stop_gateway(proc)
     print(f"host: {platform.node()} {os.cpu_count()} CPUs, python {platform.python_version()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -17,12 +17,17 @@ from pathlib import Path
 from coppice.errors import SubstrateError
 from coppice.host.processes import ProcessIdentity
 
+#: the niceness a VM warms at, and serves at once handed out: a refill's vCPUs yield to the
+#: sandboxes in use (the jail's cgroup CPU weights do the same for jails)
+WARMING_NICE, SERVING_NICE = 10, 0
+
 
 def launch(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start QEMU at WARMING_NICE (`nice` execs it: the pid is QEMU's)."""
     with open(log_path, "ab") as log:
         try:
             return subprocess.Popen(
-                argv,
+                ["nice", "-n", str(WARMING_NICE), *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -31,6 +36,18 @@ def launch(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
             )
         except OSError as exc:
             raise SubstrateError(f"cannot start {argv[0]}: {exc}") from exc
+
+
+def serve_at_full_priority(pid: int) -> None:
+    """Every thread of the QEMU process to SERVING_NICE (niceness is per thread on Linux,
+    and vCPU threads took the warming value when they were made)."""
+    try:
+        threads = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    except OSError:
+        return  # gone: the resume that follows reports it
+    for tid in threads:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid, SERVING_NICE)
 
 
 def processes_under(directory: Path) -> dict[int, tuple[ProcessIdentity, str]]:

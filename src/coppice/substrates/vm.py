@@ -293,6 +293,9 @@ class VmSubstrate:
         self._execute(entry_id, "stop")
 
     def resume(self, entry_id: str, handle: Handle | None) -> None:
+        # Every resume is of a sandbox someone uses: full CPU priority from here on.
+        if handle is not None and handle.head is not None:
+            qemu_process.serve_at_full_priority(handle.head.pid)
         self._execute(entry_id, "cont")
 
     def agent_address(self, handle: Handle) -> tuple[str, int]:
