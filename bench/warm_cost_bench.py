@@ -4,8 +4,8 @@
 
 For each template (on the instance configured for this host, Settings.load()): drains its
 pool, warms `--count` entries at once and reads
-  CPU per entry     the entries' own cgroups (cpuacct: everything the jail or qemu ran) plus
-                    this process (the host-side work: disk, mounts, links, keys), over count
+  CPU per entry     a jail's cgroup (cpuacct: everything it ran) or a VM's QEMU process,
+                    plus this process (the host-side work: disk, mounts, links, keys)
   entries/s         count over the warm's wall time
   PSS per entry     the proportional set size of the processes in each warm entry (shared
                     pages split between their sharers; what a pool of N really holds is N x
@@ -49,6 +49,14 @@ def cgroup_cpu_s(settings: Settings, entry_id: str) -> float:
         usage = dict(line.split() for line in path.read_text().splitlines())
         return int(usage["usage_usec"]) / 1e6
     return 0.0
+
+
+def process_cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cgroup_pids(settings: Settings, entry_id: str) -> list[int]:
@@ -96,9 +104,17 @@ def measure(c: PoolController, template: str, count: int) -> dict[str, float]:
     host = _cpu_self() + _children_cpu() - host_before
     if report.failures:
         raise SystemExit(f"warming {template} failed: {report.failures[0]}")
-    ids = [e.id for e in report.started]
-    inside = [cgroup_cpu_s(c.settings, i) for i in ids]
-    mem = [memory_of(cgroup_pids(c.settings, i)) for i in ids]
+    inside = []
+    mem = []
+    for e in report.started:
+        if e.substrate == "vm":
+            # a VM is one QEMU process: its CPU and its memory
+            pid = e.handle.head.pid if e.handle is not None and e.handle.head else 0
+            inside.append(process_cpu_s(pid))
+            mem.append(memory_of([pid]))
+        else:
+            inside.append(cgroup_cpu_s(c.settings, e.id))
+            mem.append(memory_of(cgroup_pids(c.settings, e.id)))
     pss = percentiles([m[0] / 2**20 for m in mem])
     private = percentiles([m[1] / 2**20 for m in mem])
     return {

@@ -293,3 +293,21 @@ def test_a_stream_cut_inside_an_envelope_is_dropped_as_before(
     # sandbox itself would see), which httpx's ASGI transport reports by asserting.
     with pytest.raises(AssertionError):
         _start(gw, h, dying_agent)
+
+
+def test_metrics_and_pool_list_say_what_the_pool_target_follows(
+    gw: Gw,
+    agent: tuple[str, int],  # noqa: F811
+) -> None:
+    gw.pool.fake.agent = agent
+    for _ in range(3):
+        gw.create("acme")  # an empty pool: cold starts, and three creates within seconds
+    keeper = gw.app.gateway.keeper
+    keeper.refill()  # one pass of the keeper decides the targets
+    m = gw.scrape()
+    assert _value(m["coppice_pool_target"], "coppice_pool_target") == 3
+    assert _value(m["coppice_pool_target_reason"], "coppice_pool_target_reason", reason="burst")
+    assert _value(m["coppice_pool_target"], "coppice_pool_target", template="base") == 2
+    assert _value(m["coppice_admission_waiting"], "coppice_admission_waiting") == 0
+    recorded = gw.pool.store.pool_targets()[TEMPLATE]
+    assert (recorded.target, recorded.why, recorded.wanted) == (3, "burst", 3)
