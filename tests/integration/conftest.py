@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def config_file(instance_dir: Path) -> Path:
         # link (tests/integration/internet.py), which exists only while egress tests run.
         f'egress_interface = "{HOST_LINK}"\n'
         f'dns_upstreams = "{DNS_SERVER}"\n'
+        # Pools follow demand; a test module's creates would grow them to dozens of entries
+        # warming beside the tests. Four keep the behaviour and bound the CPU it costs.
+        "pool_max = 4\n"
         f"[jail_network]\n"
         f'bridge = "{TEST_BRIDGE}"\n'
         f'subnet = "{TEST_SUBNET}"\n'
@@ -115,9 +119,20 @@ def controller(settings: Settings, host_before: HostSnapshot) -> Iterator[PoolCo
     for t in c.store.list_templates():
         c.drain(t.name)
     c.deinit_host()
-    after = HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS, settings.entry_disks_dir)
-    leaked = after.minus(host_before)
-    assert not leaked, f"integration tests leaked host objects: {leaked}"
+
+    def leaked() -> dict[str, set[str]]:
+        after = HostSnapshot.take(TEST_NAMESPACE, TEST_LINKS, settings.entry_disks_dir)
+        return after.minus(host_before)
+
+    # Another instance on this host can have a link of its own loose for a moment (made,
+    # not yet on its bridge); a leak of ours is still there on the second look.
+    found = leaked()
+    if found:
+        time.sleep(2)
+        again = leaked()
+        found = {kind: names & again.get(kind, set()) for kind, names in found.items()}
+        found = {kind: names for kind, names in found.items() if names}
+    assert not found, f"integration tests leaked host objects: {found}"
 
 
 def builder(controller: PoolController) -> TemplateBuilder:

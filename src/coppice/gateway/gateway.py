@@ -26,7 +26,9 @@ T = TypeVar("T")
 
 #: quick store work (get, list, kill's commit, connect): never queued behind starts
 QUICK_THREADS = 40
-#: slow lifecycle work (creates, which may start a sandbox cold and take seconds)
+#: slow lifecycle work (creates, which may start a sandbox cold and take seconds), beyond
+#: one thread for every create the admission queue may hold: a create waiting in line
+#: sleeps in its thread, and must not keep a create that the pool can serve from one
 SLOW_THREADS = 16
 
 
@@ -46,9 +48,10 @@ class Gateway:
     _quick: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(QUICK_THREADS)
     )
-    _slow: anyio.CapacityLimiter = field(
-        default_factory=lambda: anyio.CapacityLimiter(SLOW_THREADS)
-    )
+    _slow: anyio.CapacityLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._slow = anyio.CapacityLimiter(SLOW_THREADS + self.settings.admission_queue_max)
 
     def template_of(self, handed: HandedOut) -> str:
         return handed.entry.template
