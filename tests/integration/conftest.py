@@ -24,7 +24,7 @@ from coppice.store.records import TemplateRecord
 from coppice.store.store import Store
 from coppice.substrates.build_jail import template_builder
 
-from .gateway_process import GatewayProcess, sdk_pointed_at
+from .gateway_process import GatewayProcess, serving
 from .hostscan import HostSnapshot
 from .internet import DNS_SERVER, HOST_LINK, TestInternet
 
@@ -223,17 +223,6 @@ def gateway(
     """`coppice serve` on loopback with warm pools of the SDKs' default templates (`base`
     for e2b's Sandbox, `code-interpreter-v1` for the code interpreter's), the SDK pointed
     at it (one per test module)."""
-    names = (base_template.name, code_interpreter_template.name)
-    for name in names:
-        controller.drain(name)
-    gw = GatewayProcess(
-        cli_env,
-        instance_dir / "gateway.log",
-        COPPICE_POOL_TARGETS=f"{names[0]}={SDK_POOL},{names[1]}={CODE_POOL}",
-    ).start()
-    try:
-        with sdk_pointed_at(gw):
-            yield gw
-    finally:
-        for name in names:
-            controller.drain(name)
+    pools = {base_template.name: SDK_POOL, code_interpreter_template.name: CODE_POOL}
+    with serving(cli_env, instance_dir / "gateway.log", pools, controller.drain) as gw:
+        yield gw

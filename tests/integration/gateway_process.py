@@ -105,3 +105,25 @@ def sdk_pointed_at(gateway: GatewayProcess) -> Iterator[GatewayProcess]:
         os.environ.clear()
         os.environ.update(saved)
         gateway.stop()
+
+
+@contextmanager
+def serving(
+    env: dict[str, str],
+    log: Path,
+    pools: dict[str, int],
+    drain: Callable[[str], object],
+    **settings: str,
+) -> Iterator[GatewayProcess]:
+    """`coppice serve` keeping `pools` warm (template: entries), the SDK pointed at it while
+    inside; the pools are drained (`drain`) before it starts and after it stopped."""
+    for name in pools:
+        drain(name)
+    targets = ",".join(f"{name}={count}" for name, count in pools.items())
+    gw = GatewayProcess(env, log, COPPICE_POOL_TARGETS=targets, **settings).start()
+    try:
+        with sdk_pointed_at(gw):
+            yield gw
+    finally:
+        for name in pools:
+            drain(name)

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from e2b import ALL_TRAFFIC, CommandExitException, Sandbox
@@ -23,7 +24,7 @@ from coppice.pool.controller import PoolController
 from coppice.smoke import ssh_command
 from coppice.store.records import SandboxRecord, TemplateRecord
 
-from .gateway_process import GatewayProcess, sdk_pointed_at, wait_for
+from .gateway_process import GatewayProcess, serving, wait_for
 from .internet import METADATA, PRIVATE_HOST, WEB_A, WEB_B, TestInternet
 
 pytestmark = pytest.mark.integration
@@ -37,20 +38,11 @@ def egress_gateway(
     base_template: TemplateRecord,
     controller: PoolController,
     internet: TestInternet,
-    instance_dir: object,
+    instance_dir: Path,
 ) -> Iterator[GatewayProcess]:
-    controller.drain(base_template.name)
-    gw = GatewayProcess(
-        cli_env,
-        instance_dir / "egress-gateway.log",  # type: ignore[operator]
-        COPPICE_POOL_TARGETS=f"{base_template.name}={POOL}",
-    ).start()
-    try:
-        with sdk_pointed_at(gw):
-            yield gw
-    finally:
-        gw.stop()
-        controller.drain(base_template.name)
+    log = instance_dir / "egress-gateway.log"
+    with serving(cli_env, log, {base_template.name: POOL}, controller.drain) as gw:
+        yield gw
 
 
 def _fetch(target: str, timeout: float = 3.0) -> str:

@@ -26,7 +26,7 @@ from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
 
 from .conftest import SDK_POOL
-from .gateway_process import GatewayProcess, sdk_pointed_at
+from .gateway_process import GatewayProcess, serving
 
 pytestmark = pytest.mark.integration
 
@@ -44,20 +44,16 @@ def builds_gateway(
 ) -> Iterator[GatewayProcess]:
     """`coppice serve` with a warm `base` pool; templates built through the API get a warm
     entry of their own (`built_template_pool_target`)."""
-    gw = GatewayProcess(
-        cli_env, instance_dir / "gateway-builds.log", COPPICE_POOL_TARGETS=f"base={SDK_POOL}"
-    ).start()
+    log = instance_dir / "gateway-builds.log"
     try:
-        with sdk_pointed_at(gw):
+        with serving(cli_env, log, {"base": SDK_POOL}, controller.drain) as gw:
             yield gw
     finally:
-        gw.stop()
         # Templates built through the API keep a warm entry in every later gateway.
         for name in BUILT:
             controller.drain(name)
             if any(t.name == name for t in controller.store.list_templates()):
                 TemplateBuilder(controller.settings, controller.store).remove(name)
-        controller.drain("base")
 
 
 @pytest.fixture()
