@@ -60,14 +60,19 @@ def become_entry(
     request: EntryRequest,
     ids_mapped: Callable[[], None],
     become_init: Callable[[EntryRequest], None],
+    kernel_channel: int | None = None,
 ) -> None:
     """In the zygote's fork. Joins the entry's cgroups, asks the zygote (`ids_mapped`) to map
-    a fresh user namespace, makes the entry's other namespaces, and forks the entry's PID 1,
-    which ends in `become_init`. Returns in the fork that made PID 1; that one exits."""
+    a fresh user namespace, makes the entry's other namespaces, tells the kernel zygote
+    about them (on `kernel_channel`, before anything of the sandbox runs), and forks the
+    entry's PID 1, which ends in `become_init`. Returns in the fork that made PID 1; that
+    one exits."""
     for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     os.dup2(request.console_fd, 1)
     os.dup2(request.console_fd, 2)
+    os.close(request.console_fd)
+    for_kernels = [os.dup(fd) for fd in request.cgroup_fds] if kernel_channel is not None else []
     # cgroup.procs files the host opened: a write of "0" moves the writer (the kernel
     # checks the opener's credentials, the host's, on cgroup v1). Before any namespace of
     # the entry's own, so the cgroup namespace's root is the entry's cgroup.
@@ -79,12 +84,31 @@ def become_entry(
     linux.unshare(ENTRY_NAMESPACES)
     if os.fork() == 0:
         try:
+            if kernel_channel is not None:
+                _describe_to_kernel_zygote(request, kernel_channel, for_kernels)
             _become_pid_one(request)
             become_init(request)
         except BaseException as exc:  # reported to the host, then gone
             _report_failure(request, exc)
             os._exit(1)
         os._exit(0)
+
+
+def _describe_to_kernel_zygote(request: EntryRequest, channel: int, cgroups: list[int]) -> None:
+    """The entry's namespaces (those of its PID 1, this process, before anything of the
+    sandbox runs), its cgroups and confinement: where the kernel zygote puts its kernel."""
+    names = ("user", "mnt", "net", "ipc", "uts", "cgroup", "pid")
+    fds = [os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in names]
+    fds.append(os.dup(request.seccomp_fd))
+    roles = [f"ns:{name}" for name in names] + ["seccomp"] + ["cgroup"] * len(cgroups)
+    try:
+        sock = socket.socket(fileno=os.dup(channel))
+        with sock:
+            body = {"fds": roles, "capabilities": list(request.capabilities)}
+            wire.send(sock, body, [*fds, *cgroups])
+    finally:
+        for fd in [*fds, *cgroups]:
+            os.close(fd)
 
 
 def _become_pid_one(request: EntryRequest) -> None:
@@ -101,7 +125,7 @@ def _become_pid_one(request: EntryRequest) -> None:
         f.write("0")
     os.chdir("/tmp/root")
     linux.pivot_root_here()
-    program = _read_all(request.seccomp_fd)
+    program = read_file(request.seccomp_fd)
     os.close(request.seccomp_fd)
     linux.limit_capabilities(capability_numbers(request.capabilities), linux.last_capability())
     linux.set_no_new_privs()
@@ -152,11 +176,13 @@ def perform(step: Step) -> None:
             )
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
+def read_file(fd: int) -> bytes:
+    """All of a file from its start (pread: the descriptor's offset is shared by its dups,
+    which the kernel zygote reads too)."""
+    data = b""
+    while chunk := os.pread(fd, 65536, len(data)):
+        data += chunk
+    return data
 
 
 def _report_failure(request: EntryRequest, exc: BaseException) -> None:

@@ -37,13 +37,16 @@ def exit_code(status: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def run_init(agent_main: Callable[[], None]) -> int:
-    """PID 1's life; returns the exit code the entry ends with (the agent's)."""
+def run_init(agent_main: Callable[[], None], agent_only_fd: int | None = None) -> int:
+    """PID 1's life; returns the exit code the entry ends with (the agent's).
+    `agent_only_fd`: a descriptor the agent keeps and PID 1 closes once it is forked."""
     with open(INSTANCE_FILE) as f:
         os.environ.update(instance_environment(f.read()))
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)
     sshd = _start_sshd()
     agent = _fork(lambda: _run_agent(agent_main))
+    if agent_only_fd is not None:
+        os.close(agent_only_fd)
     children = [pid for pid in (agent, sshd) if pid > 0]
 
     def forward(signum: int, _: FrameType | None) -> None:
