@@ -14,7 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from coppice_agent.zygote import linux
+
 INSTANCE_FILE = "/etc/coppice-instance"
+#: what the bwrap-started jail's init and agent show as their command lines (guest/init.sh
+#: and guest/agent.py); a forked entry's show the same
+INIT_COMMAND = (["/bin/sh", "/usr/lib/coppice/init"], "init")
+AGENT_COMMAND = (["python3", "-I", "-S", "/usr/lib/coppice/agent.py"], "python3")
 SSHD = "/usr/sbin/sshd"
 SSHD_LOG = "/var/log/sshd.log"
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -40,6 +46,7 @@ def exit_code(status: int) -> int:
 def run_init(agent_main: Callable[[], None], agent_only_fd: int | None = None) -> int:
     """PID 1's life; returns the exit code the entry ends with (the agent's).
     `agent_only_fd`: a descriptor the agent keeps and PID 1 closes once it is forked."""
+    _show_as(*INIT_COMMAND)
     with open(INSTANCE_FILE) as f:
         os.environ.update(instance_environment(f.read()))
     Path("/run/sshd").mkdir(parents=True, exist_ok=True)
@@ -97,7 +104,15 @@ def _start_sshd() -> int:
     return _fork(exec_sshd)
 
 
+def _show_as(argv: list[str], comm: str) -> None:
+    try:
+        linux.set_command_line(argv, comm)
+    except (OSError, ValueError) as exc:
+        print(f"coppice-init: cannot show as {argv[-1]}: {exc}", file=sys.stderr)
+
+
 def _run_agent(agent_main: Callable[[], None]) -> None:
+    _show_as(*AGENT_COMMAND)
     # Every fork shares the zygote's random state; the agent's own must be its own.
     random.seed()
     agent_main()

@@ -184,3 +184,24 @@ def load_seccomp(program: bytes) -> None:
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
     rc = _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0)
     _check(rc, "seccomp")
+
+
+_PR_SET_NAME = 15
+
+
+def set_command_line(argv: list[str], comm: str) -> None:
+    """Show this process as `argv` in /proc/<pid>/cmdline (and `comm` in ps's comm): a fork
+    is then known by what it is (the entry's init, its agent) rather than by the zygote it
+    came from. Rewrites the kernel's argument area in place (setproctitle's way), which is
+    only as long as the zygote's own command line: raises ValueError when `argv` is longer."""
+    with open("/proc/self/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # arg_start and arg_end are fields 48 and 49 of /proc/pid/stat (1-based, from the pid)
+    start, end = int(fields[45]), int(fields[46])
+    data = b"\0".join(a.encode() for a in argv) + b"\0"
+    if len(data) > end - start:
+        raise ValueError(f"{argv} does not fit in {end - start} bytes")
+    ctypes.memmove(start, data.ljust(end - start, b"\0"), end - start)
+    name = ctypes.create_string_buffer(comm.encode()[:15])
+    _check(_libc.prctl(_PR_SET_NAME, ctypes.addressof(name), 0, 0, 0), "set the comm name")
