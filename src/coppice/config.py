@@ -97,6 +97,10 @@ class Settings:
     #: (/etc/resolv.conf)
     dns_upstreams: str = ""
     ready_timeout_s: float = 30.0
+    #: start jail entries as forks of a per-template zygote that has done the agent's
+    #: imports once (substrates/jail_zygote.py); off, or where a template's zygote cannot
+    #: start, every entry starts its own interpreters under bwrap
+    jail_zygote: bool = True
     #: how many entries one warm starts at the same time
     spawn_parallelism: int = 8
     #: the same for VMs: under TCG each restoring clone keeps a CPU busy, so more at once

@@ -23,6 +23,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
+from coppice_agent import kernel_fork
 from coppice_agent.kernel_dialects import env_code
 from coppice_agent.kernel_output import STR_RESULT_MIME, Event, output_event
 from coppice_agent.kernel_specs import LanguageKernel
@@ -134,10 +135,35 @@ class _SandboxKernelManager(AsyncKernelManager):
     agent's own interpreter cannot see them), and whose connection file belongs to the user
     the kernel runs as, so the kernel can read it after dropping privileges."""
 
-    def __init__(self, *, spec: KernelSpec, owner: SandboxUser, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        spec: KernelSpec,
+        owner: SandboxUser,
+        fork: kernel_fork.ForkKernel | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._coppice_spec = spec
         self._coppice_owner = owner
+        self._coppice_fork = fork
         super().__init__(**kwargs)
+
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw: Any) -> None:
+        """The kernel as a fork of the template's kernel zygote when there is one for it
+        (kernel_fork), else (and for every restart) started as jupyter_client does."""
+        fork, self._coppice_fork = self._coppice_fork, None
+        if fork is not None:
+            try:
+                process = await fork(self.connection_file)
+            except kernel_fork.KernelForkFailed as exc:
+                log.warning("%s; starting the kernel the ordinary way", exc)
+            else:
+                provisioner: Any = self.provisioner
+                provisioner.process = process
+                provisioner.pid = provisioner.pgid = process.pid
+                self._reconcile_connection_info(provisioner.connection_info)
+                return
+        await super()._async_launch_kernel(kernel_cmd, **kw)
 
     @property
     def kernel_spec(self) -> KernelSpec | None:
@@ -236,6 +262,7 @@ class Kernel:
         manager = _SandboxKernelManager(
             spec=_kernel_spec(launch),
             owner=launch.user,
+            fork=kernel_fork.take_fork(launch),
             context=zmq_context,
             connection_file=os.path.join(directory, "connection.json"),
             **_connection(launch, directory),

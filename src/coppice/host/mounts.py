@@ -12,9 +12,11 @@ import os
 from pathlib import Path
 
 MNT_DETACH = 2
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOATIME = 0x400
+MS_BIND = 0x1000
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [

@@ -40,6 +40,8 @@ STAGED = "/run/coppice-finish"
 GUEST_FILES = {
     "init.sh": ("usr/lib/coppice/init", 0o755),
     "agent.py": ("usr/lib/coppice/agent.py", 0o644),
+    "zygote.py": ("usr/lib/coppice/zygote.py", 0o644),
+    "kernel_zygote.py": ("usr/lib/coppice/kernel-zygote.py", 0o644),
     "vm-init.sh": ("usr/lib/coppice/vm-init", 0o755),
     "ssh-session.sh": ("usr/lib/coppice/ssh-session", 0o755),
     # A jail's processes have no_new_privs (bwrap), so setuid sudo cannot work there: the
@@ -48,7 +50,14 @@ GUEST_FILES = {
 }
 #: what the shared agent layer holds of them (the sudo shim replaces the image's own sudo,
 #: which only a step over the image can do)
-AGENT_LAYER_FILES = ("init.sh", "agent.py", "vm-init.sh", "ssh-session.sh")
+AGENT_LAYER_FILES = (
+    "init.sh",
+    "agent.py",
+    "zygote.py",
+    "kernel_zygote.py",
+    "vm-init.sh",
+    "ssh-session.sh",
+)
 SSHD_CONFIG = """\
 # Written by the Coppice template builder.
 HostKey /etc/ssh/ssh_host_ed25519_key

@@ -44,10 +44,31 @@ class SandboxLink:
         return f"{HOST_LINK_PREFIX}{entry_id}"[:15]
 
     def create(self, entry_id: str, ip: str) -> None:
+        try:
+            netns.create(self.netns_name(entry_id))
+        except NetlinkError as exc:
+            raise SubstrateError(f"cannot set up the network of entry {entry_id}: {exc}") from exc
+        self._configure(entry_id, ip)
+
+    def attach(self, entry_id: str, ip: str, pid: int) -> None:
+        """Name the network namespace process `pid` made for itself (a zygote's fork, in its
+        own user namespace: the host cannot make one it could join) and set it up as
+        `create` does. The host is root of every user namespace below it, so the addresses
+        and routes are set from here; the entry's root, without CAP_NET_ADMIN, cannot
+        change them."""
+        path = self.netns_path(entry_id)
+        NETNS_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            path.touch(exist_ok=False)
+            mounts.mount(f"/proc/{pid}/ns/net", path, "none", mounts.MS_BIND)
+        except OSError as exc:
+            raise SubstrateError(f"cannot name the network of entry {entry_id}: {exc}") from exc
+        self._configure(entry_id, ip)
+
+    def _configure(self, entry_id: str, ip: str) -> None:
         name = self.netns_name(entry_id)
         host_if = self.host_link_name(entry_id)
         try:
-            netns.create(name)
             with IPRoute() as ipr:
                 br = self.bridge.index(ipr)
                 if br is None:

@@ -46,7 +46,16 @@ from coppice.substrates.base import (
 )
 from coppice.substrates.children import Children
 from coppice.substrates.entry_disk import EntryDisks
-from coppice.substrates.lxcfs import LxcfsDaemon, proc_binds
+from coppice.substrates.jail_zygote import (
+    ZYGOTE_CAPABILITIES,
+    ZYGOTE_LAUNCHER,
+    ZYGOTE_SCRIPT,
+    TemplateVersion,
+    TemplateZygotes,
+    Zygote,
+    open_descriptors,
+)
+from coppice.substrates.lxcfs import PROC_FILES, LxcfsDaemon, proc_binds
 from coppice.substrates.prerequisites import require_root, require_tools
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
@@ -122,8 +131,10 @@ class JailSubstrate:
         self._cgroups: cgroups.CgroupDriver | None = None
         self._children = Children()
         self._filter_path: Path | None = None
+        self._zygote_filter_path: Path | None = None
         self.disks = EntryDisks(settings.entry_disks_dir)
         self.lxcfs = LxcfsDaemon(settings.run_dir)
+        self.zygotes = TemplateZygotes(self._start_zygote)
 
     @property
     def network(self) -> NetworkSettings:
@@ -177,7 +188,39 @@ class JailSubstrate:
             self._filter_path = seccomp.ensure_filter_file(self.settings.run_dir)
         return self._filter_path
 
+    def _zygote_seccomp_filter(self) -> Path:
+        if self._zygote_filter_path is None or not self._zygote_filter_path.exists():
+            self._zygote_filter_path = seccomp.ensure_filter_file(
+                self.settings.run_dir, zygote=True
+            )
+        return self._zygote_filter_path
+
+    def _start_zygote(self, version: TemplateVersion) -> Zygote:
+        """A template's rootfs is a stack of layers: the zygote gets them as one read-only
+        overlay, mounted here only while bwrap copies it into the zygote's own mount
+        namespace (then detached: nothing of it stays in the host's)."""
+        root = self.settings.run_dir / f"zygote-root-{version.name}"
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            mounts.mount("overlay", root, "overlay", mounts.MS_RDONLY, f"lowerdir={version.rootfs}")
+            return Zygote.start(
+                version,
+                lambda control_fd, filter_fd: zygote_argv(
+                    self.settings, root, control_fd, filter_fd
+                ),
+                self._zygote_seccomp_filter(),
+                self.settings.run_dir / f"zygote-{version.name}.log",
+            )
+        except OSError as exc:
+            raise SubstrateError(f"cannot start the zygote of {version.name}: {exc}") from exc
+        finally:
+            mounts.unmount(root)
+            root.rmdir()
+
     def teardown_host(self) -> None:
+        self.zygotes.stop_all()
+        for path in sorted(self.settings.run_dir.glob("zygote-*.log")):
+            path.unlink()
         self.egress.remove()
         self.lxcfs.stop()
         self.link.bridge.remove()
@@ -223,6 +266,9 @@ class JailSubstrate:
         # reads: warm time, not checkout).
         self.lxcfs.ensure()
         self.cgroups.create(spec.entry_id, spec.limits)
+        zygote = self._zygote(spec)
+        if zygote is not None:
+            return self._spawn_forked(spec, zygote, merged)
         self.link.create(spec.entry_id, spec.ip)
 
         filter_path = self._seccomp_filter()
@@ -248,6 +294,48 @@ class JailSubstrate:
                 "ip": spec.ip,
                 "entry_dir": str(entry_dir),
                 "cgroup_version": self.cgroups.version,
+            },
+        )
+
+    def _zygote(self, spec: SpawnSpec) -> Zygote | None:
+        if not self.settings.jail_zygote:
+            return None
+        t = spec.template
+        return self.zygotes.get(TemplateVersion(t.name, t.rootfs, t.built_at))
+
+    def _spawn_forked(self, spec: SpawnSpec, zygote: Zygote, merged: Path) -> Handle:
+        """The entry as a fork of its template's zygote: the same jail, set up from inside
+        by the fork (coppice_agent.zygote.child) instead of by bwrap."""
+        entry_dir = self.entry_dir(spec.entry_id)
+        try:
+            descriptors = open_descriptors(
+                merged,
+                entry_dir / "console.log",
+                self._seccomp_filter(),
+                self.cgroups.join_files(spec.entry_id),
+                {name: self.lxcfs.mountpoint / "proc" / name for name in PROC_FILES},
+            )
+        except OSError as exc:
+            raise SubstrateError(f"cannot prepare entry {spec.entry_id}: {exc}") from exc
+        pid = zygote.fork_entry(
+            spec.entry_id,
+            spec.hostname,
+            shm_tmpfs_mb(spec.limits) * MIB,
+            RUN_TMPFS_MB * MIB,
+            CAPABILITIES,
+            self.settings.jail_uid_count,
+            descriptors,
+            attach=lambda pid: self.link.attach(spec.entry_id, spec.ip, pid),
+            timeout_s=self.settings.ready_timeout_s,
+        )
+        ident = ProcessIdentity.of(pid)
+        return Handle(
+            head=HeadProcess(pid, ident.start_time) if ident else None,
+            driver={
+                "ip": spec.ip,
+                "entry_dir": str(entry_dir),
+                "cgroup_version": self.cgroups.version,
+                "zygote": zygote.pid,
             },
         )
 
@@ -465,6 +553,37 @@ def isolation_argv(
         "--seccomp", str(seccomp_fd),
         "--clearenv",
         *extra,
+    ]  # fmt: skip
+
+
+def zygote_argv(settings: Settings, rootfs: Path, control_fd: int, seccomp_fd: int) -> list[str]:
+    """A template's zygote (see jail_zygote): confined as a jail, over the template's own
+    rootfs read-only, with no network and only the capabilities it needs."""
+    ids = f"{settings.jail_uid_base},0,{settings.jail_uid_count}"
+    caps: list[str] = []
+    for cap in ZYGOTE_CAPABILITIES:
+        caps += ["--cap-add", cap]
+    return [
+        "sh", "-c", ZYGOTE_LAUNCHER, "sh",
+        "unshare", "--user", f"--map-users={ids}", f"--map-groups={ids}",
+        "--setuid", "0", "--setgid", "0", "--",
+        "bwrap",
+        "--ro-bind", str(rootfs), "/",
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--tmpfs", "/tmp",
+        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net",
+        "--unshare-cgroup-try",
+        "--hostname", "zygote",
+        # PID 1 of its pid namespace: the entries' PID 1s are re-parented to it
+        "--as-pid-1",
+        "--new-session",
+        "--cap-drop", "ALL", *caps,
+        "--seccomp", str(seccomp_fd),
+        "--clearenv",
+        "--setenv", "PATH", DEFAULT_PATH,
+        "--chdir", "/",
+        "--", "python3", "-I", "-S", ZYGOTE_SCRIPT, str(control_fd),
     ]  # fmt: skip
 
 

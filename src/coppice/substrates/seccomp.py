@@ -80,14 +80,24 @@ _NAMESPACE_CLONE_FLAGS = (
 )
 
 
-def compile_filter() -> bytes:
-    """The filter as the raw BPF program bwrap reads from a file descriptor."""
+#: what a template's zygote may do beyond a jail: its forks make their namespaces and build
+#: their root before they load the jail's own filter over this one
+ZYGOTE_ALLOWED: frozenset[str] = frozenset(
+    {"mount", "umount2", "pivot_root", "move_mount", "unshare", "setns"}
+)
+
+
+def compile_filter(zygote: bool = False) -> bytes:
+    """The filter as the raw BPF program bwrap reads from a file descriptor; `zygote`: the
+    zygote's (see ZYGOTE_ALLOWED)."""
     f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     deny = pyseccomp.ERRNO(errno.EPERM)
     for name in DENIED_SYSCALLS:
-        f.add_rule(deny, name)
-    for flag in _NAMESPACE_CLONE_FLAGS:
-        f.add_rule(deny, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+        if not (zygote and name in ZYGOTE_ALLOWED):
+            f.add_rule(deny, name)
+    if not zygote:
+        for flag in _NAMESPACE_CLONE_FLAGS:
+            f.add_rule(deny, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
     f.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")
     with tempfile.TemporaryFile() as out:  # export_bpf writes to a real file descriptor
         f.export_bpf(out)
@@ -95,9 +105,9 @@ def compile_filter() -> bytes:
         return out.read()
 
 
-def ensure_filter_file(directory: Path) -> Path:
+def ensure_filter_file(directory: Path, zygote: bool = False) -> Path:
     """Write the compiled filter under `directory` (content-addressed) and return its path."""
-    program = compile_filter()
+    program = compile_filter(zygote)
     digest = hashlib.sha256(program).hexdigest()[:16]
     path = directory / f"seccomp-{digest}.bpf"
     if not path.exists():
