@@ -109,5 +109,7 @@ class HostRoom:
             except CoppiceError:
                 return None
             if usage is not None and usage.mem_used > 0:
-                return max(1.0, usage.mem_used / 2**20)
+                # Page cache (the template's files read at start) is shared and reclaimable:
+                # what the entry holds of its own is the rest.
+                return max(1.0, (usage.mem_used - usage.mem_cache) / 2**20)
         return None
