@@ -112,7 +112,8 @@ def test_template_rebuild_is_cached(template: TemplateRecord, cli_env: dict[str,
     assert done.returncode == 0, done.stderr
     assert "up to date" in done.stdout
     listed = run_cli(cli_env, "template", "list", "--json")
-    assert json.loads(listed.stdout)[0]["recipe_hash"] == template.recipe_hash
+    (python,) = (t for t in json.loads(listed.stdout) if t["name"] == "python")
+    assert python["recipe_hash"] == template.recipe_hash
 
 
 def test_sandboxes_outlive_the_command(pool: PoolController, cli_env: dict[str, str]) -> None:

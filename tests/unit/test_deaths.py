@@ -70,3 +70,13 @@ def test_nothing_seen_is_said_plainly_with_the_consoles_last_line() -> None:
     long_line = "x" * 500
     quoted = diagnose(_findings(status=2, tail=(long_line,)), MADE, BOOT).detail
     assert quoted.endswith("…'") and len(quoted) < 300
+
+
+def test_a_forked_jails_exit_status_is_read_from_its_init_s_last_console_line() -> None:
+    from coppice.substrates.post_mortem import init_exit_status
+
+    assert (
+        init_exit_status(("coppice-agent ... INFO started", "coppice-init: exit status 137")) == 137
+    )
+    assert init_exit_status(("coppice-init: exit status 1", "later noise")) == 1
+    assert init_exit_status(("no such line",)) is None

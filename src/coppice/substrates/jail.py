@@ -24,6 +24,7 @@ import errno
 import functools
 import os
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +61,8 @@ from coppice.substrates.prerequisites import require_root, require_tools
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
 INIT_PATH = "/usr/lib/coppice/init"
+#: where a zygote's root is mounted while it starts (one directory per start)
+ZYGOTE_ROOT_PREFIX = "zygote-root-"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 REQUIRED_TOOLS = {
     "bwrap": "bubblewrap",
@@ -199,10 +202,18 @@ class JailSubstrate:
         """A template's rootfs is a stack of layers: the zygote gets them as one read-only
         overlay, mounted here only while bwrap copies it into the zygote's own mount
         namespace (then detached: nothing of it stays in the host's)."""
-        root = self.settings.run_dir / f"zygote-root-{version.name}"
-        root.mkdir(parents=True, exist_ok=True)
+        # A directory of this start's own: a CLI and a gateway (or two warms) may start a
+        # zygote of the same template at once.
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        root = Path(
+            tempfile.mkdtemp(
+                prefix=f"{ZYGOTE_ROOT_PREFIX}{version.name}-", dir=self.settings.run_dir
+            )
+        )
+        mounted = False
         try:
             mounts.mount("overlay", root, "overlay", mounts.MS_RDONLY, f"lowerdir={version.rootfs}")
+            mounted = True
             return Zygote.start(
                 version,
                 lambda control_fd, filter_fd: zygote_argv(
@@ -214,11 +225,17 @@ class JailSubstrate:
         except OSError as exc:
             raise SubstrateError(f"cannot start the zygote of {version.name}: {exc}") from exc
         finally:
-            mounts.unmount(root)
+            if mounted:
+                mounts.unmount(root)
             root.rmdir()
 
     def teardown_host(self) -> None:
         self.zygotes.stop_all()
+        # A process that died while starting a zygote left its root mounted.
+        for path in sorted(self.settings.run_dir.glob(f"{ZYGOTE_ROOT_PREFIX}*")):
+            if os.path.ismount(path):
+                mounts.unmount(path)
+            path.rmdir()
         for path in sorted(self.settings.run_dir.glob("zygote-*.log")):
             path.unlink()
         self.egress.remove()

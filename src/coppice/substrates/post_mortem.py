@@ -6,6 +6,7 @@ the last lines of its console. Judging them is `coppice.pool.deaths`' job; this 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from coppice.errors import CoppiceError
@@ -39,11 +40,26 @@ class PostMortem:
         return None if driver is None else driver.oom_counters(entry_id)
 
     def examine(self, sub: Substrate, entry_id: str) -> Findings:
+        tail = console_tail(sub, entry_id)
+        status = self.exits.take(entry_id)
         return Findings(
             oom=self.oom_counters(sub, entry_id),
-            exit_status=self.exits.take(entry_id),
-            console_tail=console_tail(sub, entry_id),
+            exit_status=status if status is not None else init_exit_status(tail),
+            console_tail=tail,
         )
+
+
+#: what a jail's init forked from a zygote prints last (coppice_agent/zygote/init.py), for
+#: the exit status no process object of ours saw
+_INIT_EXIT = re.compile(r"coppice-init: exit status (\d+)$")
+
+
+def init_exit_status(tail: tuple[str, ...]) -> int | None:
+    for line in reversed(tail):
+        found = _INIT_EXIT.search(line)
+        if found is not None:
+            return int(found.group(1))
+    return None
 
 
 def _cgroups_of(sub: Substrate) -> CgroupDriver | None:

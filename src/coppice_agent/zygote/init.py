@@ -21,6 +21,10 @@ INSTANCE_FILE = "/etc/coppice-instance"
 #: and guest/agent.py); a forked entry's show the same
 INIT_COMMAND = (["/bin/sh", "/usr/lib/coppice/init"], "init")
 AGENT_COMMAND = (["python3", "-I", "-S", "/usr/lib/coppice/agent.py"], "python3")
+#: the line PID 1 ends the console with: a forked entry's host has no process object to
+#: read the exit status from, so its post-mortem reads it here (coppice/substrates/
+#: post_mortem.py knows the same words)
+EXIT_LINE = "coppice-init: exit status {code}"
 SSHD = "/usr/sbin/sshd"
 SSHD_LOG = "/var/log/sshd.log"
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -69,7 +73,9 @@ def run_init(agent_main: Callable[[], None], agent_only_fd: int | None = None) -
         except ChildProcessError:
             return 0
         if pid == agent:
-            return exit_code(status)
+            code = exit_code(status)
+            print(EXIT_LINE.format(code=code), file=sys.stderr, flush=True)
+            return code
 
 
 def _fork(body: Callable[[], None]) -> int:
