@@ -23,12 +23,17 @@ import json
 import os
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from coppice.config import Settings
 from coppice.pool.controller import PoolController
 from latency_stats import percentiles
+
+#: the python3 templates run (Debian's), not whatever a PATH finds first (a pyenv shim
+#: is a shell script costing ten times the start it wraps)
+FLOOR_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
 
 def _cpu_self() -> float:
@@ -125,7 +130,7 @@ def _descends_from(pid: int, ancestor: int) -> bool:
 def floor_s(n: int) -> float:
     before = _children_cpu()
     for _ in range(n):
-        subprocess.run(["python3", "-c", "pass"], check=True)
+        subprocess.run([FLOOR_PYTHON, "-c", "pass"], check=True)
     return (_children_cpu() - before) / n
 
 

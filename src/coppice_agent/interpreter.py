@@ -98,12 +98,21 @@ class Interpreter:
         self._started = asyncio.Event()
         #: why run_code cannot work here (no ipykernel in the image), once start() knows
         self.missing_kernel: str | None = None
+        #: the default kernel starts on first use, not at warm
+        self._lazy = False
+        self._probed = False
         env.on_init(self._on_env_init)
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, warm: bool = True) -> None:
+        """Warm the default Python context (`warm`), or leave it to the first run_code: a
+        template whose users run commands only then costs no kernel at all."""
         self._prepare_runtime_dir()
+        if not warm:
+            self._lazy = True
+            self._started.set()
+            return
         self.missing_kernel = await self._python_kernel_missing()
         if self.missing_kernel is not None:
             # Commands and files still work: a template of any image is a sandbox, and only
@@ -137,7 +146,7 @@ class Interpreter:
     def is_ready(self) -> bool:
         """True once the default context's kernel is up, connected and warmed up (or the
         image has no Python kernel to start)."""
-        if self.missing_kernel is not None:
+        if self.missing_kernel is not None or self._lazy:
             return True
         ctx = self._contexts.get(self._default_ids.get(PYTHON, ""))
         return ctx is not None and ctx.kernel.usable
@@ -241,6 +250,10 @@ class Interpreter:
     async def _new_context(
         self, cwd: str | None, language: str, spec: LanguageKernel | None
     ) -> CodeContext:
+        if language == PYTHON and spec is None and self._lazy and not self._probed:
+            # A lazy template looks for ipykernel only now, on its first run_code.
+            self._probed = True
+            self.missing_kernel = await self._python_kernel_missing()
         if language == PYTHON and spec is None and self.missing_kernel is not None:
             raise BadContextRequest(self.missing_kernel)
         user = self._user()

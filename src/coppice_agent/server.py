@@ -114,6 +114,7 @@ class Agent:
         self.envd = Envd(env)
         self.interpreter = interpreter or Interpreter(env)
         self.startup = TemplateStartup(template or TemplateConfig(), env, self.envd.processes)
+        self._warm_kernel = (template or TemplateConfig()).warm_kernel
         app = PortDispatch(
             {ports[1]: build_interpreter_app(self.interpreter, env)},
             build_envd_root(self.envd.app, self.interpreter, self.startup),
@@ -145,7 +146,7 @@ class Agent:
             await self._aclose()
 
     def _start(self) -> None:
-        self._warm = asyncio.create_task(self.interpreter.start())
+        self._warm = asyncio.create_task(self.interpreter.start(self._warm_kernel))
         self._warm.add_done_callback(_report_failed_warm)
         # Reports its own failures (`TemplateStartup.failure`, and the log).
         self._template_start = asyncio.create_task(self.startup.run())

@@ -44,6 +44,8 @@ class TemplateConfig:
     start_cmd: str | None = None
     ready_cmd: str | None = None
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
+    #: start the default Python kernel before the sandbox is frozen (else on first use)
+    warm_kernel: bool = True
 
     @classmethod
     def from_json(cls, raw: Any) -> TemplateConfig:
@@ -62,6 +64,9 @@ class TemplateConfig:
             isinstance(k, str) and isinstance(v, str) for k, v in envs.items()
         ):
             raise InvalidTemplateConfig("'envs' must map strings to strings")
+        warm_kernel = raw.get("warm_kernel", True)
+        if not isinstance(warm_kernel, bool):
+            raise InvalidTemplateConfig(f"'warm_kernel' must be true or false, not {warm_kernel!r}")
         return cls(
             user=user,
             workdir=workdir,
@@ -69,6 +74,7 @@ class TemplateConfig:
             start_cmd=_optional_command(raw, "start_cmd"),
             ready_cmd=_optional_command(raw, "ready_cmd"),
             ready_timeout_s=_timeout(raw.get("ready_timeout_s", DEFAULT_READY_TIMEOUT_S)),
+            warm_kernel=warm_kernel,
         )
 
 

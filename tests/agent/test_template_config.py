@@ -104,3 +104,10 @@ def test_the_sandbox_starts_from_the_templates_defaults() -> None:
     assert env.env_vars == {}
     # An operator's COPPICE_DEFAULT_USER still names the user.
     assert environment_for(config, {"COPPICE_DEFAULT_USER": "root"}).default_user == "root"
+
+
+def test_warm_kernel_is_on_unless_the_builder_turned_it_off() -> None:
+    assert TemplateConfig.from_json({}).warm_kernel
+    assert not TemplateConfig.from_json({"warm_kernel": False}).warm_kernel
+    with pytest.raises(template_config.InvalidTemplateConfig, match="warm_kernel"):
+        TemplateConfig.from_json({"warm_kernel": "no"})

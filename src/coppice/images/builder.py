@@ -172,7 +172,7 @@ class TemplateBuilder:
             config = base.manifest.config
             for s in steps:
                 config = config.after(s)
-            start = StartCommand(spec.start_cmd, spec.ready_cmd)
+            start = StartCommand(spec.start_cmd, spec.ready_cmd, spec.warm_kernel)
             inputs = finish_inputs(config, start, key.public_openssh, spec.name)
             vm_inputs = None
             if spec.substrate == "vm":

@@ -113,6 +113,7 @@ rm -rf /var/lib/apt/lists/*
 class StartCommand:
     start_cmd: str | None
     ready_cmd: str | None
+    warm_kernel: bool = True
 
 
 def _guest_file(name: str) -> bytes:
@@ -145,7 +146,16 @@ def agent_hash() -> str:
 
 
 def template_config(config: ImageConfig, start: StartCommand) -> dict[str, object]:
-    return {**config.to_json(), "start_cmd": start.start_cmd, "ready_cmd": start.ready_cmd}
+    found: dict[str, object] = {
+        **config.to_json(),
+        "start_cmd": start.start_cmd,
+        "ready_cmd": start.ready_cmd,
+    }
+    if not start.warm_kernel:
+        # Only when off: the config (and so the layer's cache key) of every other template
+        # stays what it was.
+        found["warm_kernel"] = False
+    return found
 
 
 def finish_inputs(

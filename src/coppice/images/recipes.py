@@ -210,6 +210,9 @@ RECIPES: dict[str, TemplateSpec] = {
         substrate="jail",
         # What the e2b SDK's Sandbox.create() asks for.
         aliases=("e2bdev/base",),
+        # E2B's base has no run_code: its entries warm without a kernel, and the first
+        # run_code (through e2b_code_interpreter, which can name any template) starts one.
+        warm_kernel=False,
         description=(
             "Debian bookworm with Python 3 and pip, Node.js and npm, git, curl, jq, "
             "build-essential and sudo, as a jail (E2B's base)"

@@ -104,6 +104,10 @@ class TemplateSpec:
     cold_start: bool = True
     #: warm entries the gateway keeps when its pool_targets does not name the template
     pool_target: int | None = None
+    #: start the default Python kernel at warm, so the first run_code finds it running;
+    #: False: on the first run_code (a template whose SDK has no run_code, like E2B's base,
+    #: then warms without one: a fraction of the CPU and memory)
+    warm_kernel: bool = True
     #: rebuild every step whatever the cache holds
     force: bool = False
     description: str = ""
