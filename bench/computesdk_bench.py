@@ -133,6 +133,30 @@ def docker_baseline(root: Path, n: int) -> tuple[list[float] | None, str]:
         subprocess.run(["docker", "rmi", "-f", image], capture_output=True, check=False)
 
 
+def host_cpu_s() -> float:
+    """CPU time the whole host has spent busy (all CPUs), from /proc/stat."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(f) for f in fields]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def row(label: str, samples: list[float], ok: int, n: int) -> dict[str, float]:
     p = (
         percentiles(samples)
@@ -169,6 +193,9 @@ def main() -> None:
     os.environ.pop("E2B_DEBUG", None)
     results: dict[str, object] = {"url": url, "template": args.template, "command": COMMAND}
     failures: dict[str, Counter[str]] = {}
+    #: per mode: CPU-seconds of the host, of this client, of the gateway process
+    cpu: dict[str, tuple[float, ...]] = {}
+    gateway_pid = proc.pid if proc is not None else None
     print(f"ComputeSDK method: {args.template}, `{COMMAND}`, {args.count} sandboxes per mode, ms\n")
     print(f"{'':<26}{'ok':>9}{'p50':>10}{'p95':>10}{'p99':>10}")
     try:
@@ -176,7 +203,10 @@ def main() -> None:
         asyncio.run(run_mode("sequential", 5, args.template, 0))  # SDK imports, connections
         for mode in args.modes.split(","):
             settle(store, args.template)
+            before = (host_cpu_s(), own_cpu_s(), process_cpu_s(gateway_pid))
             got = asyncio.run(run_mode(mode, args.count, args.template, args.stagger_ms / 1000))
+            used = (host_cpu_s(), own_cpu_s(), process_cpu_s(gateway_pid))
+            cpu[mode] = tuple(a - b for a, b in zip(used, before, strict=True))
             samples = [ms for ms, _ in got if ms is not None]
             failures[mode] = Counter(why for ms, why in got if ms is None)
             results[mode] = row(mode, samples, len(samples), args.count)
@@ -211,6 +241,11 @@ def main() -> None:
             base = percentiles(samples)["p50"]
             parts.append(f"{name}: {r['p50'] / base:.1f}x / {r['p99'] / base:.1f}x")
         print(f"  {mode:<12}" + "; ".join(parts))
+    print("\nCPU-seconds per mode (host / this SDK client / the gateway process; the rest is")
+    print("the sandboxes, their warming and the kernel):")
+    for mode, (host, client, gateway) in cpu.items():
+        print(f"  {mode:<12}{host:>7.1f} / {client:>5.1f} / {gateway:>5.1f}")
+        results[f"{mode} cpu"] = {"host_s": host, "client_s": client, "gateway_s": gateway}
     for mode, reasons in failures.items():
         for reason, count in reasons.most_common(3):
             print(f"  {mode} failures: {count} x {reason}")
