@@ -148,6 +148,9 @@ class Settings:
     #: warm entries a template built through the build API gets unless pool_targets names it
     #: (E2B users expect their own templates to start as fast as the defaults)
     built_template_pool_target: int = 1
+    #: disk that snapshots and files-only paused sandboxes may hold together, in MB; a
+    #: snapshot or pause past it is refused with the list of what to delete to make room
+    snapshot_disk_mb: int = 20480
     #: wildcard domain for host-based routing (`<port>-<sandbox id>.<domain>`); empty: any
     sandbox_domain: str = ""
 
@@ -165,6 +168,11 @@ class Settings:
     @property
     def database_path(self) -> Path:
         return self.state_dir / "coppice.db"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """One directory per snapshot (and per fork's passing snapshot), named by its id."""
+        return self.state_dir / "snapshots"
 
     @property
     def templates_dir(self) -> Path:

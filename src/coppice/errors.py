@@ -44,6 +44,15 @@ class NotSupportedYet(InvalidRequest):
         self.feature = feature
 
 
+class NotSupportedOnSubstrate(NotSupportedYet):
+    """A substrate's driver lacks an operation another substrate has (a snapshot of a jail
+    before its mechanism exists): refused by name, never done halfway or faked."""
+
+    def __init__(self, feature: str, substrate: str, hint: str = "") -> None:
+        super().__init__(f"{feature} on the {substrate} substrate", hint)
+        self.substrate = substrate
+
+
 class Unauthorized(CoppiceError):
     """No API key, or one the gateway does not know."""
 
@@ -118,6 +127,15 @@ class TemplateNotFound(NotFound):
 class UnknownRecipe(NotFound):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"no recipe named {name!r}; known recipes: {', '.join(sorted(known))}")
+
+
+class SnapshotNotFound(NotFound):
+    def __init__(self, ref: str) -> None:
+        super().__init__(
+            f"snapshot {ref!r} was not found; Sandbox.list_snapshots() shows the snapshots "
+            "there are"
+        )
+        self.ref = ref
 
 
 class EntryNotFound(NotFound):
@@ -245,5 +263,12 @@ class TemplateBuildError(CoppiceError):
 
 class HostResourceExhausted(CoppiceError):
     """Disk or memory on the host ran out (ENOSPC, ENOMEM)."""
+
+    http_status = 507
+
+
+class DiskBudgetExceeded(CoppiceError):
+    """Snapshots and paused sandboxes would hold more disk than the host's
+    `snapshot_disk_mb` allows; the message names what to delete to make room."""
 
     http_status = 507

@@ -6,6 +6,14 @@ visible to others is folded into the event's meaning instead: READY means "answe
 already paused", so no checkout can ever see an entry that a warm is still about to freeze.
 A cold start is its own path, HAND_OUT, from warming straight to in use: the entry is never
 available to anyone else, so no concurrent checkout can take it from the caller who started it.
+
+A handed-out sandbox has two pauses. PAUSE freezes it (memory and processes kept, as long as
+the host runs); PAUSE_FILES stops its processes and keeps only its files on disk, which a
+gateway restart and a host reboot both leave in place, and a RESUME of that starts its
+processes again (RESUMING until they answer). A snapshot or a fork of a running sandbox holds
+it in SNAPSHOTTING while its state is captured, so no kill or pause can pull the sandbox out
+from under the capture; either outcome, or a crash of the process taking it, puts it back to
+running.
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ class State(enum.StrEnum):
     WARMING = "warming"  # resources being created, not yet answering
     AVAILABLE = "available"  # answering and paused, waiting for a checkout
     IN_USE = "in_use"  # handed out and running
-    PAUSED = "paused"  # handed out, paused by its user
+    PAUSED = "paused"  # handed out, frozen by its user: memory kept while the host runs
+    PAUSED_FILES = "paused_files"  # handed out, processes stopped, files kept on disk
+    RESUMING = "resuming"  # handed out, processes starting again on its kept files
+    SNAPSHOTTING = "snapshotting"  # handed out, its state being captured (a snapshot, a fork)
     RETURNING = "returning"  # being torn down
     FAILED = "failed"  # never became ready; being torn down, not replaced
     GONE = "gone"  # every host resource released; the record is deleted
@@ -35,6 +46,12 @@ class Event(enum.StrEnum):
     RESUME = "resume"
     RETURN = "return"
     DIED = "died"  # its processes (or the process that was warming it) are gone
+    PAUSE_FILES = "pause_files"  # stop the processes, keep the files
+    #: a frozen sandbox's processes are gone but its files are on disk (a host reboot): it is
+    #: kept as a files-only pause rather than buried
+    PROCESSES_LOST = "processes_lost"
+    SNAPSHOT = "snapshot"  # start capturing a running sandbox
+    SNAPSHOT_DONE = "snapshot_done"  # the capture finished, well or not
     DRAIN = "drain"
     DESTROYED = "destroyed"
 
@@ -45,11 +62,20 @@ class Action(enum.StrEnum):
     DESTROY = "destroy"
     RESPAWN = "respawn"  # start a replacement so the pool keeps its size
     FORGET = "forget"  # delete the record, which frees its address
+    STOP_PROCESSES = "stop_processes"  # end its processes, keep its files
+    START_PROCESSES = "start_processes"  # start its processes again on its kept files
 
 
-LIVE_STATES = frozenset({State.WARMING, State.AVAILABLE, State.IN_USE, State.PAUSED})
+#: states of an entry that some caller holds as its sandbox
+HANDED_OUT_STATES = frozenset(
+    {State.IN_USE, State.PAUSED, State.PAUSED_FILES, State.RESUMING, State.SNAPSHOTTING}
+)
+LIVE_STATES = frozenset({State.WARMING, State.AVAILABLE}) | HANDED_OUT_STATES
 #: states a process is working on right now; their owner must be alive or the deadline near
 TRANSIENT_STATES = frozenset({State.WARMING, State.RETURNING, State.FAILED})
+#: handed-out states a process is working on: when their owner is lost, the sandbox is put
+#: back as it was (a capture abandoned, a resume undone) instead of torn down
+INTERRUPTIBLE_STATES = frozenset({State.RESUMING, State.SNAPSHOTTING})
 
 
 @dataclass(frozen=True)
@@ -67,6 +93,19 @@ _TABLE: dict[tuple[State, Event], Transition] = {
     (State.PAUSED, Event.RESUME): Transition(State.IN_USE, (Action.RESUME,)),
     (State.IN_USE, Event.RETURN): Transition(State.RETURNING, (Action.DESTROY, Action.RESPAWN)),
     (State.PAUSED, Event.RETURN): Transition(State.RETURNING, (Action.DESTROY, Action.RESPAWN)),
+    (State.IN_USE, Event.PAUSE_FILES): Transition(State.PAUSED_FILES, (Action.STOP_PROCESSES,)),
+    (State.PAUSED, Event.PROCESSES_LOST): Transition(State.PAUSED_FILES),
+    (State.PAUSED_FILES, Event.RESUME): Transition(State.RESUMING, (Action.START_PROCESSES,)),
+    (State.RESUMING, Event.READY): Transition(State.IN_USE),
+    # Processes that did not come up are stopped again; the files stay for another try.
+    (State.RESUMING, Event.FAIL): Transition(State.PAUSED_FILES, (Action.STOP_PROCESSES,)),
+    (State.PAUSED_FILES, Event.RETURN): Transition(
+        State.RETURNING, (Action.DESTROY, Action.RESPAWN)
+    ),
+    (State.IN_USE, Event.SNAPSHOT): Transition(State.SNAPSHOTTING),
+    # A thaw whatever happened: a driver (or a crash of the process taking the snapshot) must
+    # never leave the source frozen; thawing a running sandbox changes nothing.
+    (State.SNAPSHOTTING, Event.SNAPSHOT_DONE): Transition(State.IN_USE, (Action.RESUME,)),
     (State.RETURNING, Event.DESTROYED): Transition(State.GONE, (Action.FORGET,)),
     (State.FAILED, Event.DESTROYED): Transition(State.GONE, (Action.FORGET,)),
 }
@@ -91,6 +130,9 @@ STATE_DEADLINES_S: dict[State, float] = {
     State.WARMING: 120.0,
     State.RETURNING: 60.0,
     State.FAILED: 60.0,
+    State.RESUMING: 120.0,
+    # copying a large writable layer or a VM's memory out takes a while
+    State.SNAPSHOTTING: 600.0,
 }
 
 

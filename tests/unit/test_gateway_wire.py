@@ -7,6 +7,8 @@ import pytest
 
 from coppice.errors import InvalidRequest, NotSupportedYet
 from coppice.gateway.wire import (
+    ConnectRequest,
+    PauseRequest,
     decode_token,
     encode_token,
     iso,
@@ -121,7 +123,6 @@ def test_total_running_only_when_running_is_asked_for() -> None:
         ({"network": {"maskRequestHost": "${PORT}-x.example"}}, "maskRequestHost"),
         ({"mcp": {"github": {}}}, "MCP"),
         ({"volumeMounts": [{"name": "v", "path": "/data"}]}, "volumeMounts"),
-        ({"autoPause": True, "autoPauseMemory": False}, "autoPauseMemory"),
         ({"iam": {"tokens": {"a": {}}}}, "iam"),
         ({"secure": False}, "secure=false"),
     ],
@@ -153,14 +154,21 @@ def test_defaults_the_sdk_sends_are_accepted() -> None:
 
 
 def test_pause_and_connect_bodies() -> None:
-    assert parse_pause({}) is False
-    assert parse_pause({"requireHealthyGuest": True}) is True
-    with pytest.raises(NotSupportedYet, match="filesystem-only pause"):
-        parse_pause({"memory": False})
-    assert parse_connect({}, 3600) is None
-    assert parse_connect({"timeout": 0}, 3600) == 0
-    with pytest.raises(NotSupportedYet, match="reboot"):
-        parse_connect({"memory": False}, 3600)
+    assert parse_pause({}) == PauseRequest(strict=False, keep_memory=True)
+    assert parse_pause({"requireHealthyGuest": True}) == PauseRequest(True, True)
+    assert parse_pause({"memory": False}) == PauseRequest(False, keep_memory=False)
+    with pytest.raises(InvalidRequest, match="memory"):
+        parse_pause({"memory": "no"})
+    assert parse_connect({}, 3600) == ConnectRequest(None)
+    assert parse_connect({"timeout": 0}, 3600) == ConnectRequest(0)
+    assert parse_connect({"memory": False}, 3600) == ConnectRequest(None, reboot=True)
+
+
+def test_a_files_only_auto_pause_is_its_own_timeout_action() -> None:
+    files = {"templateID": "base", "autoPause": True, "autoPauseMemory": False}
+    assert parse_create(files, 300, 3600).on_timeout == "pause_files"
+    assert parse_create({**files, "autoPauseMemory": True}, 300, 3600).on_timeout == "pause"
+    assert parse_create({**files, "autoPause": False}, 300, 3600).on_timeout == "kill"
 
 
 def test_set_timeout_accepts_zero_only_when_asked() -> None:

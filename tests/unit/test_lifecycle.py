@@ -5,9 +5,14 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from coppice.errors import Conflict, IllegalTransition
 from coppice.lifecycle import (
+    HANDED_OUT_STATES,
+    INTERRUPTIBLE_STATES,
     LIVE_STATES,
     STATE_DEADLINES_S,
     TRANSIENT_STATES,
@@ -194,11 +199,149 @@ def test_respawn_only_follows_an_entry_leaving_the_pool_unasked() -> None:
 def test_state_sets() -> None:
     assert State.GONE not in LIVE_STATES | TRANSIENT_STATES
     assert LIVE_STATES.intersection(TRANSIENT_STATES) == {State.WARMING}
-    assert set(STATE_DEADLINES_S) == set(TRANSIENT_STATES)
+    assert set(STATE_DEADLINES_S) == set(TRANSIENT_STATES | INTERRUPTIBLE_STATES)
+    assert INTERRUPTIBLE_STATES <= HANDED_OUT_STATES <= LIVE_STATES
 
 
 def test_deadline_for() -> None:
     assert deadline_for(State.WARMING, 1000.0) == 1000.0 + STATE_DEADLINES_S[State.WARMING]
     assert deadline_for(State.RETURNING, 0.0) == STATE_DEADLINES_S[State.RETURNING]
-    for state in (State.AVAILABLE, State.IN_USE, State.PAUSED, State.GONE):
+    for state in (State.AVAILABLE, State.IN_USE, State.PAUSED, State.PAUSED_FILES, State.GONE):
         assert deadline_for(state, 1000.0) is None
+    assert deadline_for(State.SNAPSHOTTING, 0.0) == STATE_DEADLINES_S[State.SNAPSHOTTING]
+
+
+# -- files-only pause, snapshots, forks ---------------------------------------------------------
+
+
+def test_a_files_only_pause_stops_processes_and_its_resume_starts_them() -> None:
+    steps = run(
+        State.IN_USE,
+        [Event.PAUSE_FILES, Event.RESUME, Event.READY, Event.PAUSE_FILES, Event.RETURN],
+    )
+    assert steps == [
+        Transition(State.PAUSED_FILES, (Action.STOP_PROCESSES,)),
+        Transition(State.RESUMING, (Action.START_PROCESSES,)),
+        Transition(State.IN_USE, ()),
+        Transition(State.PAUSED_FILES, (Action.STOP_PROCESSES,)),
+        Transition(State.RETURNING, (Action.DESTROY, Action.RESPAWN)),
+    ]
+
+
+def test_a_resume_that_fails_leaves_the_files_paused_for_another_try() -> None:
+    steps = run(State.PAUSED_FILES, [Event.RESUME, Event.FAIL, Event.RESUME, Event.READY])
+    assert steps == [
+        Transition(State.RESUMING, (Action.START_PROCESSES,)),
+        Transition(State.PAUSED_FILES, (Action.STOP_PROCESSES,)),
+        Transition(State.RESUMING, (Action.START_PROCESSES,)),
+        Transition(State.IN_USE, ()),
+    ]
+
+
+def test_a_frozen_sandbox_that_lost_its_processes_is_kept_with_its_files() -> None:
+    steps = run(State.PAUSED, [Event.PROCESSES_LOST, Event.RESUME, Event.READY])
+    assert steps == [
+        Transition(State.PAUSED_FILES, ()),
+        Transition(State.RESUMING, (Action.START_PROCESSES,)),
+        Transition(State.IN_USE, ()),
+    ]
+
+
+def test_a_capture_holds_the_source_and_always_thaws_it() -> None:
+    steps = run(State.IN_USE, [Event.SNAPSHOT, Event.SNAPSHOT_DONE, Event.SNAPSHOT])
+    assert steps == [
+        Transition(State.SNAPSHOTTING, ()),
+        Transition(State.IN_USE, (Action.RESUME,)),
+        Transition(State.SNAPSHOTTING, ()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [
+        (State.SNAPSHOTTING, Event.RETURN),  # killed mid-capture: refused, not torn down
+        (State.SNAPSHOTTING, Event.PAUSE),
+        (State.SNAPSHOTTING, Event.PAUSE_FILES),
+        (State.SNAPSHOTTING, Event.SNAPSHOT),
+        (State.RESUMING, Event.RETURN),
+        (State.RESUMING, Event.RESUME),
+        (State.PAUSED, Event.SNAPSHOT),
+        (State.PAUSED_FILES, Event.SNAPSHOT),
+        (State.PAUSED_FILES, Event.PAUSE),
+        (State.PAUSED_FILES, Event.PAUSE_FILES),
+        (State.PAUSED, Event.PAUSE_FILES),
+        (State.IN_USE, Event.PROCESSES_LOST),
+        (State.AVAILABLE, Event.SNAPSHOT),
+        (State.IN_USE, Event.SNAPSHOT_DONE),
+    ],
+)
+def test_captures_and_files_only_pauses_refuse_what_does_not_fit(
+    state: State, event: Event
+) -> None:
+    with pytest.raises(IllegalTransition):
+        transition("e1", state, event)
+
+
+@pytest.mark.parametrize("state", sorted(HANDED_OUT_STATES))
+def test_every_handed_out_state_can_die_and_be_drained(state: State) -> None:
+    assert transition("e1", state, Event.DIED).state is State.RETURNING
+    assert transition("e1", state, Event.DRAIN).state is State.RETURNING
+
+
+# -- the model: random event sequences against what a sandbox's owner may rely on ---------------
+
+
+class LifecycleModel(RuleBasedStateMachine):
+    """One entry driven by any event the table accepts. What must hold throughout: a frozen
+    sandbox thaws only by RESUME or a capture's end; processes are started only on kept
+    files; a sandbox leaves its hand-out only by being torn down; nothing follows GONE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = State.WARMING
+        #: the model's own view: are the processes stopped with the files kept?
+        self.files_only = False
+        self.handed_out_once = False
+        self.trace: list[tuple[State, Event]] = []
+
+    @rule(event=st.sampled_from(list(Event)))
+    def send(self, event: Event) -> None:
+        try:
+            step = transition("e1", self.state, event)
+        except IllegalTransition:
+            return
+        assert self.state is not State.GONE, "nothing follows GONE"
+        before = self.state
+        self.trace.append((before, event))
+        if Action.START_PROCESSES in step.actions:
+            assert self.files_only, self.trace
+        if Action.STOP_PROCESSES in step.actions:
+            self.files_only = True
+        if step.state is State.PAUSED_FILES:
+            self.files_only = True
+        if step.state is State.IN_USE:
+            self.files_only = False
+        if before in HANDED_OUT_STATES:
+            self.handed_out_once = True
+            # leaving a hand-out happens only through a teardown
+            if step.state not in HANDED_OUT_STATES:
+                assert step.state is State.RETURNING and Action.DESTROY in step.actions
+        if before is State.SNAPSHOTTING and step.state is State.IN_USE:
+            assert Action.RESUME in step.actions  # never left frozen by a capture
+        self.state = step.state
+
+    @invariant()
+    def handed_out_never_returns_to_the_pool(self) -> None:
+        if self.handed_out_once:
+            assert self.state not in (State.AVAILABLE, State.WARMING)
+
+    @invariant()
+    def a_files_only_pause_is_never_resumed_by_a_thaw(self) -> None:
+        if self.state is State.PAUSED_FILES:
+            assert transition("e1", State.PAUSED_FILES, Event.RESUME).actions == (
+                Action.START_PROCESSES,
+            )
+
+
+TestLifecycleModel = LifecycleModel.TestCase
+TestLifecycleModel.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)

@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from coppice.lifecycle import LIVE_STATES, TRANSIENT_STATES, State
-from coppice.pool.reconcile import Observation, ReconcilePlan, plan
-from coppice.store.records import EntryRecord
+from coppice.lifecycle import INTERRUPTIBLE_STATES, LIVE_STATES, TRANSIENT_STATES, State
+from coppice.pool.reconcile import Observation, ReconcilePlan, SnapshotObservation, plan
+from coppice.store.records import EntryRecord, SnapshotRecord
 
 NOW = 10_000.0
 _ids = itertools.count()
@@ -137,14 +137,88 @@ def test_mixed_plan_keeps_observation_order() -> None:
 
 
 def test_every_state_lands_in_at_most_one_bucket() -> None:
-    for state, sandbox, owner, overdue in itertools.product(
-        [s for s in State if s is not State.GONE], (True, False), (True, False), (True, False)
+    for state, sandbox, owner, overdue, files in itertools.product(
+        [s for s in State if s is not State.GONE],
+        (True, False),
+        (True, False),
+        (True, False),
+        (True, False),
     ):
         e = entry(state, deadline=NOW - 1 if overdue else NOW + 1)
-        result = plan([ob(e, sandbox, owner)], set(), NOW)
-        buckets = (e in result.dead) + (e in result.orphaned)
+        result = plan([Observation(e, sandbox, owner, files)], set(), NOW)
+        buckets = (
+            (e in result.dead)
+            + (e in result.orphaned)
+            + (e in result.kept)
+            + (e in result.interrupted)
+        )
         assert buckets <= 1
         if state in TRANSIENT_STATES:
             assert (e in result.orphaned) == (not owner or overdue)
+        elif state in INTERRUPTIBLE_STATES:
+            assert (e in result.interrupted) == (not owner or overdue)
+        elif state is State.PAUSED_FILES:
+            # it has no processes to be alive: only its files decide
+            assert (e in result.dead) == (not files)
+        elif state is State.PAUSED:
+            assert (e in result.kept) == (not sandbox and files)
+            assert (e in result.dead) == (not sandbox and not files)
         elif state in LIVE_STATES:
             assert (e in result.dead) == (not sandbox)
+
+
+def test_a_reboot_keeps_paused_sandboxes_with_their_files_and_buries_running_ones() -> None:
+    running = entry(State.IN_USE)
+    frozen = entry(State.PAUSED)
+    files_only = entry(State.PAUSED_FILES)
+    frozen_no_files = entry(State.PAUSED)
+    result = plan(
+        [
+            Observation(running, False, True, has_files=True),
+            Observation(frozen, False, True, has_files=True),
+            Observation(files_only, False, True, has_files=True),
+            Observation(frozen_no_files, False, True, has_files=False),
+        ],
+        set(),
+        NOW,
+    )
+    assert result.kept == [frozen]
+    assert result.dead == [running, frozen_no_files]
+    assert files_only not in result.dead
+
+
+def snapshot(state: str, snapshot_id: str = "snap-1") -> SnapshotRecord:
+    return SnapshotRecord(
+        id=snapshot_id,
+        name=None,
+        tenant="t",
+        source_id="e1",
+        template="py",
+        substrate="jail",
+        purpose="snapshot",
+        kind="files",
+        size_bytes=1,
+        path=f"/var/lib/coppice/snapshots/{snapshot_id}",
+        state=state,
+        created_at=NOW,
+    )
+
+
+def test_half_made_snapshots_of_a_gone_owner_are_removed_and_stray_directories_too() -> None:
+    making_mine = snapshot("making", "snap-a")
+    making_lost = snapshot("making", "snap-b")
+    ready_lost = snapshot("ready", "snap-c")
+    result = plan(
+        [],
+        set(),
+        NOW,
+        [
+            SnapshotObservation(making_mine, owner_alive=True),
+            SnapshotObservation(making_lost, owner_alive=False),
+            SnapshotObservation(ready_lost, owner_alive=False),
+        ],
+        {"snap-a", "snap-b", "snap-c", "snap-stray"},
+    )
+    assert result.abandoned_snapshots == [making_lost]
+    assert result.snapshot_leftovers == ["snap-stray"]
+    assert not result.empty

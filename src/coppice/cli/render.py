@@ -16,7 +16,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from coppice.lifecycle import State
+from coppice.lifecycle import HANDED_OUT_STATES, State
 from coppice.store.records import EntryRecord, PoolTargetRecord
 
 out = Console()
@@ -108,7 +108,7 @@ def pools_table(entries: list[EntryRecord], targets: dict[str, PoolTargetRecord]
             template,
             str(sum(1 for e in mine if e.state is State.AVAILABLE)),
             str(sum(1 for e in mine if e.state is State.WARMING)),
-            str(sum(1 for e in mine if e.state in (State.IN_USE, State.PAUSED))),
+            str(sum(1 for e in mine if e.state in HANDED_OUT_STATES)),
             str(decided.target) if decided else "-",
             decided.why if decided else "no gateway has kept it",
             str(decided.waiting) if decided else "-",

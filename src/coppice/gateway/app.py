@@ -56,6 +56,8 @@ from coppice.gateway.sandbox_metrics import SandboxMetrics, metric_json
 from coppice.gateway.sandboxes import SandboxService
 from coppice.gateway.service_metrics import ServiceMetrics
 from coppice.gateway.signed_urls import is_presigned_files_request, signed_for
+from coppice.gateway.snapshot_routes import SNAPSHOT_ROUTES
+from coppice.gateway.snapshots import SnapshotService
 from coppice.gateway.template_builds import BuildFunction, BuildService
 from coppice.gateway.template_routes import TEMPLATE_ROUTES
 from coppice.gateway.templates import TemplateService
@@ -68,6 +70,7 @@ from coppice.gateway.wire import (
     parse_list_query,
     parse_network_update,
     parse_pause,
+    pause_json,
     sandbox_json,
     timeout_value,
 )
@@ -119,7 +122,7 @@ async def _create(request: Request) -> tuple[Response, str]:
         if not fresh:
             return JSONResponse(sandbox_json(handed, template), status_code=201), template
         try:
-            await _init_agent(gw, handed)
+            await gw.init_agent(handed)
         except SandboxUnreachable as exc:
             # It died between its readiness probe and now: never hand that out; try another.
             last = exc
@@ -127,23 +130,6 @@ async def _create(request: Request) -> tuple[Response, str]:
             continue
         return JSONResponse(sandbox_json(handed, template), status_code=201), template
     raise SubstrateError(f"sandboxes failed to start their agent: {last}")
-
-
-async def _init_agent(gw: Gateway, handed: HandedOut) -> None:
-    """Give the agent its identity: sandbox-wide env vars and access token. The default
-    user is the template's (its last USER), which the agent already knows."""
-    body = {
-        "envVars": handed.sandbox.env_vars,
-        "accessToken": handed.sandbox.access_token,
-    }
-    host, port = gw.dial(handed)
-    url = f"http://{host}:{port}/init"
-    try:
-        answer = await gw.proxy.client(handed.sandbox.id).post(url, json=body, timeout=10.0)
-    except Exception as exc:
-        raise SandboxUnreachable(handed.sandbox.id, AGENT_PORT) from exc
-    if answer.status_code >= 300:
-        raise SandboxUnreachable(handed.sandbox.id, AGENT_PORT)
 
 
 async def list_sandboxes(request: Request) -> Response:
@@ -180,8 +166,15 @@ async def get_sandbox(request: Request) -> Response:
     who = _who(request, KeyScope.READ)
     handed = await gw.quick(gw.service.get, who, request.path_params["sandbox_id"])
     template = gw.template_of(handed)
+    persistence = gw.controller.substrate(handed.entry.substrate).persistence
     return JSONResponse(
-        detail_json(handed, template, gw.service.limits(template), gw.settings.internet_access)
+        detail_json(
+            handed,
+            template,
+            gw.service.limits(template),
+            gw.settings.internet_access,
+            pause_json(handed, persistence),
+        )
     )
 
 
@@ -225,16 +218,28 @@ async def refresh(request: Request) -> Response:
     return Response(status_code=204)
 
 
+#: what each pause keeps, in its answer's header (E2B's 204 has no body to say it in)
+PAUSE_KEPT_HEADER = "x-coppice-pause"
+
+
 async def pause(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.MANAGE)
     sandbox_id = request.path_params["sandbox_id"]
-    if parse_pause(await _json(request, {})):
-        handed = await gw.quick(gw.service.get, who, sandbox_id)
-        if handed.entry.state is State.IN_USE and not await _agent_answers(gw, handed):
-            raise GuestUnresponsive(sandbox_id)
-    await gw.quick(gw.service.pause, who, sandbox_id)
-    return Response(status_code=204)
+    req = parse_pause(await _json(request, {}))
+    handed = await gw.quick(gw.service.get, who, sandbox_id)
+    if req.strict and handed.entry.state is State.IN_USE and not await _agent_answers(gw, handed):
+        raise GuestUnresponsive(sandbox_id)
+    # A files-only pause takes seconds (its processes stop, its disk is measured).
+    await gw.slow(gw.service.pause, who, sandbox_id, req.keep_memory)
+    persistence = gw.controller.substrate(handed.entry.substrate).persistence
+    if not req.keep_memory:
+        kept = "files kept on disk; processes stopped (resume starts them again)"
+    elif persistence.memory_pause_survives_reboot:
+        kept = "memory and files kept on disk; survives a host reboot"
+    else:
+        kept = "memory kept as a freeze while the host runs; a host reboot loses the memory"
+    return Response(status_code=204, headers={PAUSE_KEPT_HEADER: kept})
 
 
 async def _agent_answers(gw: Gateway, handed: HandedOut) -> bool:
@@ -253,20 +258,30 @@ async def _agent_answers(gw: Gateway, handed: HandedOut) -> bool:
 async def resume(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.MANAGE)
-    timeout = parse_connect(await _json(request, {}), gw.settings.max_timeout_s)
-    handed = await gw.quick(gw.service.resume, who, request.path_params["sandbox_id"], timeout)
+    req = parse_connect(await _json(request, {}), gw.settings.max_timeout_s)
+    sandbox_id = request.path_params["sandbox_id"]
+    before = await gw.quick(gw.service.get, who, sandbox_id)
+    handed = await gw.slow(gw.service.resume, who, sandbox_id, req.timeout_s, req.reboot)
+    await _reintroduce(gw, before, handed)
     return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=201)
 
 
 async def connect(request: Request) -> Response:
     gw: Gateway = request.app.state.gateway
     who = _who(request, KeyScope.MANAGE)
-    timeout = parse_connect(await _json(request, {}), gw.settings.max_timeout_s)
+    req = parse_connect(await _json(request, {}), gw.settings.max_timeout_s)
     sandbox_id = request.path_params["sandbox_id"]
-    was_paused = (await gw.quick(gw.service.get, who, sandbox_id)).entry.state is State.PAUSED
-    handed = await gw.quick(gw.service.connect, who, sandbox_id, timeout)
-    status = 201 if was_paused else 200
+    before = await gw.quick(gw.service.get, who, sandbox_id)
+    handed = await gw.slow(gw.service.connect, who, sandbox_id, req.timeout_s, req.reboot)
+    await _reintroduce(gw, before, handed)
+    status = 201 if before.entry.state in (State.PAUSED, State.PAUSED_FILES) else 200
     return JSONResponse(sandbox_json(handed, gw.template_of(handed)), status_code=status)
+
+
+async def _reintroduce(gw: Gateway, before: HandedOut, after: HandedOut) -> None:
+    """A files-only pause came back as new processes: its fresh agent is told who it is."""
+    if before.entry.state is State.PAUSED_FILES:
+        await gw.init_agent(after)
 
 
 def _unix_param(params: dict[str, str], name: str) -> float | None:
@@ -394,6 +409,7 @@ ROUTES = [
     Route("/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
     Route("/v2/sandboxes/{sandbox_id}/connect", connect, methods=["POST"]),
     Route("/sandboxes/{sandbox_id}/metrics", metrics, methods=["GET"]),
+    *SNAPSHOT_ROUTES,
     *TEMPLATE_ROUTES,
     Route("/v2/sandboxes/{sandbox_id}/logs", sandbox_logs, methods=["GET"]),
     Route("/sandboxes/{sandbox_id}/logs", sandbox_logs_v1, methods=["GET"]),
@@ -559,6 +575,7 @@ def build_gateway(
             templates,
             sandbox_metrics,
             counted,
+            SnapshotService(controller.store, service.snapshots, catalog),
         )
     )
 

@@ -17,6 +17,7 @@ from coppice.gateway.proxy import SandboxDirectory, SandboxProxy
 from coppice.gateway.sandbox_metrics import SandboxMetrics
 from coppice.gateway.sandboxes import SandboxService
 from coppice.gateway.service_metrics import ServiceMetrics
+from coppice.gateway.snapshots import SnapshotService
 from coppice.gateway.templates import TemplateService
 from coppice.pool.controller import PoolController
 from coppice.store.records import HandedOut
@@ -45,6 +46,7 @@ class Gateway:
     metrics: SandboxMetrics
     #: the service's own (Prometheus), where `metrics` are E2B's per-sandbox readings
     service_metrics: ServiceMetrics
+    snapshots: SnapshotService
     _quick: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(QUICK_THREADS)
     )
@@ -74,6 +76,23 @@ class Gateway:
         sub = self.controller.substrate(handed.entry.substrate)
         host, agent_port = sub.agent_address(handle)
         return host, agent_port if port == AGENT_PORT else port
+
+    async def init_agent(self, handed: HandedOut) -> None:
+        """Give the agent its identity: sandbox-wide env vars and access token (after a
+        create, a fork, or a restart of its processes, whose fresh agent knows neither). The
+        default user is the template's (its last USER), which the agent already knows."""
+        body = {
+            "envVars": handed.sandbox.env_vars,
+            "accessToken": handed.sandbox.access_token,
+        }
+        host, port = self.dial(handed)
+        url = f"http://{host}:{port}/init"
+        try:
+            answer = await self.proxy.client(handed.sandbox.id).post(url, json=body, timeout=10.0)
+        except Exception as exc:
+            raise SandboxUnreachable(handed.sandbox.id, AGENT_PORT) from exc
+        if answer.status_code >= 300:
+            raise SandboxUnreachable(handed.sandbox.id, AGENT_PORT)
 
     def entry_alive(self, handed: HandedOut) -> bool:
         sub = self.controller.substrate(handed.entry.substrate)

@@ -15,7 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from coppice.errors import CoppiceError, EntryNotFound, IllegalTransition
+from coppice.errors import CoppiceError, DiskBudgetExceeded, EntryNotFound, IllegalTransition
 from coppice.gateway.admission import AdmissionQueue, SpawnSlots
 from coppice.gateway.host_room import HostRoom
 from coppice.gateway.notices import SandboxNotices
@@ -315,6 +315,9 @@ class PoolKeeper:
                 if handed.sandbox.on_timeout == "pause":
                     self.controller.pause_entry(sandbox_id)
                     self.notices.changed(sandbox_id)
+                elif handed.sandbox.on_timeout == "pause_files":
+                    self._pause_files_or_freeze(sandbox_id)
+                    self.notices.changed(sandbox_id)
                 else:
                     applied = self.store.apply(sandbox_id, Event.RETURN, "timeout expired")
                     self.teardown(applied)
@@ -324,6 +327,15 @@ class PoolKeeper:
             except CoppiceError as exc:
                 log.warning("timeout of sandbox %s: %s", sandbox_id, exc)
         return acted
+
+    def _pause_files_or_freeze(self, sandbox_id: str) -> None:
+        """A timeout's files-only pause; past the disk budget the sandbox is frozen instead
+        (its state kept while the host runs) rather than retried on every pass."""
+        try:
+            self.controller.pause_files_entry(sandbox_id)
+        except DiskBudgetExceeded as exc:
+            log.warning("timeout of %s: %s; froze it instead", sandbox_id, exc)
+            self.controller.pause_entry(sandbox_id)
 
     def watch(self) -> list[str]:
         """Handed-out sandboxes whose processes are gone are recorded dead, with why, and
@@ -335,6 +347,8 @@ class PoolKeeper:
         dead = []
         for handed in self.store.list_sandboxes():
             entry = handed.entry
+            if entry.state in (State.PAUSED_FILES, State.RESUMING):
+                continue  # no processes to watch (yet): reconcile checks their files
             try:
                 sub = self.controller.substrate(entry.substrate)
             except CoppiceError:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from coppice.config import Limits, Settings
 from coppice.egress_policy import EgressPolicy
@@ -18,9 +18,11 @@ from coppice.errors import (
     EntryNotFound,
     IllegalTransition,
     NotFound,
+    NotSupportedYet,
     PoolExhausted,
     SandboxDied,
     SandboxNotFound,
+    SnapshotNotFound,
     TemplateNotFound,
 )
 from coppice.gateway.admission import Refusal
@@ -28,13 +30,16 @@ from coppice.gateway.auth import Principal
 from coppice.gateway.catalog import TemplateCatalog
 from coppice.gateway.keeper import PoolKeeper
 from coppice.gateway.service_metrics import ServiceMetrics
-from coppice.gateway.wire import CreateRequest, ListQuery, encode_token, state_of
-from coppice.lifecycle import Event, State
+from coppice.gateway.snapshots import find_snapshot, names_a_snapshot
+from coppice.gateway.wire import PAUSED_STATES, CreateRequest, ListQuery, encode_token, state_of
+from coppice.lifecycle import INTERRUPTIBLE_STATES, Event, State
 from coppice.pool.controller import PoolController
+from coppice.pool.snapshots import SnapshotController
 from coppice.store.records import (
     EntryRecord,
     HandedOut,
     SandboxRecord,
+    SnapshotRecord,
     TemplateRecord,
     TombstoneRecord,
 )
@@ -59,6 +64,7 @@ class SandboxService:
     ) -> None:
         self.settings = settings
         self.controller = controller
+        self.snapshots = SnapshotController(controller)
         self.store = controller.store
         self.keeper = keeper
         self.catalog = catalog
@@ -77,14 +83,54 @@ class SandboxService:
     def create(
         self, req: CreateRequest, who: Principal, idempotency_key: str | None
     ) -> tuple[HandedOut, bool]:
-        """Hand out a sandbox; the flag says whether it is new (False: an idempotent repeat)."""
-        template = self.catalog.resolve(req.template_id)
+        """Hand out a sandbox, from a template or (its `templateID` naming one) a snapshot;
+        the flag says whether it is new (False: an idempotent repeat)."""
+        template, snapshot = self._template_or_snapshot(who, req.template_id)
         if idempotency_key:
             earlier = self.store.find_idempotent(who.tenant, idempotency_key)
             if earlier is not None:
                 return earlier, False
+        record = self._new_record(req, who, idempotency_key)
+        if snapshot is not None:
+            entry = self._start_from_snapshot(template, snapshot, record)
+            handed = self.store.get_sandbox(entry.id)
+            if handed is None:  # killed between its start and here
+                raise SandboxNotFound(entry.id)
+            return handed, True
+        self.keeper.record_create(template.name)
+        try:
+            entry = self.controller.checkout(template.name, record)
+        except PoolExhausted as exc:
+            entry = self._wait_for_entry(template, record, exc)
+        finally:
+            self.keeper.wake()  # the pool just shrank (or tried to): refill
+        handed = self.store.get_sandbox(entry.id)
+        if handed is None:  # killed between checkout and here
+            raise SandboxNotFound(entry.id)
+        return handed, True
+
+    def _template_or_snapshot(
+        self, who: Principal, template_id: str
+    ) -> tuple[TemplateRecord, SnapshotRecord | None]:
+        """A template's name or alias, else one of the caller's snapshots."""
+        try:
+            return self.catalog.resolve(template_id), None
+        except NotFound:
+            snapshot = find_snapshot(self.store, who.tenant, template_id)
+            if snapshot is None:
+                if names_a_snapshot(template_id):
+                    raise SnapshotNotFound(template_id) from None
+                raise
+        try:
+            return self.store.get_template(snapshot.template), snapshot
+        except TemplateNotFound:
+            raise SnapshotNotFound(template_id) from None
+
+    def _new_record(
+        self, req: CreateRequest, who: Principal, idempotency_key: str | None
+    ) -> SandboxRecord:
         now = time.time()
-        record = SandboxRecord(
+        return SandboxRecord(
             id="",
             template_id=req.template_id,
             tenant=who.tenant,
@@ -100,17 +146,30 @@ class SandboxService:
             traffic_token=None if req.public_traffic else secrets.token_urlsafe(24),
             egress=req.egress,
         )
-        self.keeper.record_create(template.name)
+
+    def _start_from_snapshot(
+        self, template: TemplateRecord, snapshot: SnapshotRecord, record: SandboxRecord
+    ) -> EntryRecord:
+        """No pool holds a snapshot's sandboxes: wait in line (the snapshot's own) for a
+        spawn slot, as a cold start does, and start it there."""
+        admission, slots = self.keeper.admission, self.keeper.slots
+        line = f"{template.name}@{snapshot.id}"
+        got = admission.serve(
+            line,
+            self.settings.admission_deadline_s,
+            lambda: True if slots.try_for_request() else None,
+            lambda: self.keeper.room.can_start(template.substrate),
+        )
+        if isinstance(got, Refusal):
+            self.metrics.rejected(template.name, got.reason)
+            raise PoolExhausted(line, got.retry_after_s, got.message)
         try:
-            entry = self.controller.checkout(template.name, record)
-        except PoolExhausted as exc:
-            entry = self._wait_for_entry(template, record, exc)
+            return self.snapshots.start_from(snapshot, record)
+        except CapacityExceeded as exc:
+            self.metrics.rejected(template.name, "at_capacity")
+            raise PoolExhausted(line, 2.0, str(exc)) from exc
         finally:
-            self.keeper.wake()  # the pool just shrank (or tried to): refill
-        handed = self.store.get_sandbox(entry.id)
-        if handed is None:  # killed between checkout and here
-            raise SandboxNotFound(entry.id)
-        return handed, True
+            slots.release()
 
     def _wait_for_entry(
         self, template: TemplateRecord, record: SandboxRecord, empty: PoolExhausted
@@ -233,13 +292,59 @@ class SandboxService:
     # -- change ---------------------------------------------------------------------------------
 
     def kill(self, who: Principal, sandbox_id: str) -> None:
-        self.get(who, sandbox_id)
+        handed = self.get(who, sandbox_id)
+        if handed.entry.state in INTERRUPTIBLE_STATES:
+            raise Conflict(
+                f"sandbox {sandbox_id} is {handed.entry.state.value} (a snapshot, a fork or a "
+                "resume is under way); kill it once that is done"
+            )
         try:
             applied = self.store.apply(sandbox_id, Event.RETURN, "killed through the API")
         except (EntryNotFound, IllegalTransition):
             raise SandboxNotFound(sandbox_id) from None
         # The sandbox is over as of the commit above; the teardown itself runs behind.
         self.keeper.teardown(applied)
+
+    def fork(
+        self, who: Principal, sandbox_id: str, timeout_s: int, count: int
+    ) -> list[HandedOut | CoppiceError]:
+        """`count` new sandboxes from one capture of the caller's running sandbox, which
+        keeps running; one outcome per fork, a sandbox or why it did not start. Each fork
+        has its own access token and the source's env vars, metadata and egress rules."""
+        handed = self.get(who, sandbox_id)
+        if handed.entry.state is not State.IN_USE:
+            raise Conflict(
+                f"sandbox {sandbox_id} is {handed.entry.state.value.replace('_', ' ')}; "
+                "a fork is taken of a running sandbox (connect() to a paused one first)"
+            )
+        now = time.time()
+        source = handed.sandbox
+        records = [
+            replace(
+                source,
+                id="",
+                access_token=secrets.token_urlsafe(24),
+                traffic_token=None if source.traffic_token is None else secrets.token_urlsafe(24),
+                started_at=now,
+                end_at=now + timeout_s,
+                timeout_s=timeout_s,
+                on_timeout="kill",
+                auto_resume=False,
+                idempotency_key=None,
+                kept_bytes=0,
+            )
+            for _ in range(count)
+        ]
+        results: list[HandedOut | CoppiceError] = []
+        for outcome in self.snapshots.fork(sandbox_id, who.tenant, records):
+            if outcome.entry is None:
+                assert outcome.error is not None
+                results.append(outcome.error)
+                continue
+            forked = self.store.get_sandbox(outcome.entry.id)
+            results.append(forked if forked is not None else SandboxNotFound(outcome.entry.id))
+        self.keeper.wake()
+        return results
 
     def update_network(self, who: Principal, sandbox_id: str, egress: EgressPolicy | None) -> None:
         """Replace the sandbox's egress rules, in the store (the truth a restart restores)
@@ -261,30 +366,50 @@ class SandboxService:
         end = max(handed.sandbox.end_at, time.time() + seconds)
         self.store.set_sandbox_deadline(sandbox_id, end, handed.sandbox.timeout_s)
 
-    def pause(self, who: Principal, sandbox_id: str) -> None:
+    def pause(self, who: Principal, sandbox_id: str, keep_memory: bool = True) -> None:
+        """Freeze the sandbox (memory and processes kept while the host runs), or with
+        `keep_memory` false stop its processes and keep its files on disk (it outlives a
+        gateway restart and a host reboot, and counts against the disk budget)."""
         handed = self.get(who, sandbox_id)
-        if handed.entry.state is State.PAUSED:
+        if handed.entry.state in PAUSED_STATES:
             raise Conflict(f"sandbox {sandbox_id} is already paused")
-        self.controller.pause_entry(sandbox_id)
+        if handed.entry.state is not State.IN_USE:
+            raise Conflict(
+                f"sandbox {sandbox_id} is {handed.entry.state.value}; pause it once that is done"
+            )
+        if keep_memory:
+            self.controller.pause_entry(sandbox_id)
+        else:
+            self.controller.pause_files_entry(sandbox_id)
         self.keeper.notices.changed(sandbox_id)
 
-    def resume(self, who: Principal, sandbox_id: str, timeout_s: int | None) -> HandedOut:
+    def resume(
+        self, who: Principal, sandbox_id: str, timeout_s: int | None, reboot: bool = False
+    ) -> HandedOut:
         handed = self.get(who, sandbox_id)
-        if handed.entry.state is not State.PAUSED:
+        if handed.entry.state not in (State.PAUSED, State.PAUSED_FILES):
             raise Conflict(f"sandbox {sandbox_id} is already running")
-        return self._wake(handed, timeout_s)
+        return self._wake(handed, timeout_s, reboot)
 
-    def connect(self, who: Principal, sandbox_id: str, timeout_s: int | None) -> HandedOut:
-        """Resume if paused; with `timeout_s`, the sandbox lives at least that much longer."""
+    def connect(
+        self, who: Principal, sandbox_id: str, timeout_s: int | None, reboot: bool = False
+    ) -> HandedOut:
+        """Resume if paused (a frozen one thaws; a files-only one starts its processes on
+        its files); with `timeout_s`, the sandbox lives at least that much longer."""
         handed = self.get(who, sandbox_id)
-        if handed.entry.state is State.PAUSED:
-            return self._wake(handed, timeout_s)
+        if handed.entry.state in (State.PAUSED, State.PAUSED_FILES):
+            return self._wake(handed, timeout_s, reboot)
         if timeout_s is not None:
             self.refresh(who, sandbox_id, timeout_s)
         return self.get(who, sandbox_id)
 
-    def _wake(self, handed: HandedOut, timeout_s: int | None) -> HandedOut:
+    def _wake(self, handed: HandedOut, timeout_s: int | None, reboot: bool = False) -> HandedOut:
         sandbox_id = handed.sandbox.id
+        if reboot and handed.entry.state is State.PAUSED:
+            raise NotSupportedYet(
+                "resuming a frozen sandbox by a reboot (on_resume='reboot')",
+                "connect without it (its memory is there), or pause with keep_memory=False",
+            )
         try:
             self.controller.resume_entry(sandbox_id)
         except (EntryNotFound, IllegalTransition):
@@ -305,6 +430,8 @@ class SandboxService:
     def auto_resume(self, sandbox_id: str) -> bool:
         """Traffic reached a paused sandbox: resume it if it asked for that at creation."""
         handed = self.store.get_sandbox(sandbox_id)
+        if handed is not None and handed.entry.state in (State.PAUSED_FILES, State.RESUMING):
+            return False  # as E2B: traffic never boots a files-only pause; connect() does
         if handed is None or handed.entry.state is not State.PAUSED:
             return handed is not None
         if not handed.sandbox.auto_resume:

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from coppice.errors import HostResourceExhausted, InvalidRequest
+from coppice.errors import HostResourceExhausted, InvalidRequest, SnapshotNotFound
 from coppice.gateway.auth import Scope as KeyScope
 from coppice.gateway.build_wire import (
     assigned_tags_json,
@@ -99,9 +99,19 @@ async def template_alias(request: Request) -> Response:
 
 
 async def delete_template(request: Request) -> Response:
+    """A template, or a snapshot: the SDK's `delete_snapshot` deletes it as E2B's template
+    (`<tenant>/<name>:default` arrives as a namespaced path)."""
     gw = _gateway(request)
-    caller(request, KeyScope.MANAGE)
-    await gw.slow(gw.templates.delete, request.path_params["template_id"])
+    who = caller(request, KeyScope.MANAGE)
+    ref = request.path_params["template_id"]
+    namespace = request.path_params.get("namespace")
+    if namespace is not None:
+        ref = f"{namespace}/{ref}"
+    if await gw.slow(gw.snapshots.delete, who, ref):
+        return Response(status_code=204)
+    if namespace is not None:
+        raise SnapshotNotFound(ref)
+    await gw.slow(gw.templates.delete, ref)
     return Response(status_code=204)
 
 
@@ -231,6 +241,7 @@ TEMPLATE_ROUTES = [
     Route("/templates/aliases/{alias:path}", template_alias, methods=["GET"]),
     Route("/templates/{template_id}", template_detail, methods=["GET"]),
     Route("/templates/{template_id}", delete_template, methods=["DELETE"]),
+    Route("/templates/{namespace}/{template_id}", delete_template, methods=["DELETE"]),
     Route("/templates/{template_id}/tags", template_tags, methods=["GET"]),
     Route("/templates/{template_id}/files/{hash}", upload_link, methods=["GET"]),
     Route("/templates/{template_id}/files/{hash}", upload_files, methods=["PUT"]),

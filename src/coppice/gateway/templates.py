@@ -27,7 +27,7 @@ from coppice.images.build_files import UploadedFiles, check_files_hash
 from coppice.images.builder import TemplateBuilder
 from coppice.images.oci_ref import LOCAL_TRANSPORTS
 from coppice.images.spec import FromImage, spec_from_e2b
-from coppice.lifecycle import State
+from coppice.lifecycle import HANDED_OUT_STATES
 from coppice.pool.controller import PoolController
 from coppice.store.records import (
     BuildLogEntry,
@@ -190,11 +190,16 @@ class TemplateService:
             )
         if self.builds.busy(name):
             raise Conflict(f"template {name} is being built; delete it when the build is over")
-        in_use = [
-            e for e in self.store.list_entries(name) if e.state in (State.IN_USE, State.PAUSED)
-        ]
+        in_use = [e for e in self.store.list_entries(name) if e.state in HANDED_OUT_STATES]
         if in_use:
             raise Conflict(f"template {name} has {len(in_use)} sandbox(es) in use; kill them first")
+        # A snapshot's sandboxes start on its template's image: it must outlive them.
+        kept = [s.id for s in self.store.list_snapshots() if s.template == name]
+        if kept:
+            raise Conflict(
+                f"template {name} has {len(kept)} snapshot(s) ({', '.join(kept[:5])}); "
+                "delete them first (Sandbox.delete_snapshot)"
+            )
         if record is not None:
             self.controller.drain(name)
             TemplateBuilder(self.settings, self.store).remove(name)

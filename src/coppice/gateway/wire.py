@@ -18,7 +18,9 @@ from urllib.parse import parse_qsl
 from coppice.config import Limits
 from coppice.egress_policy import EgressPolicy
 from coppice.errors import InvalidRequest, NotSupportedYet
+from coppice.lifecycle import State
 from coppice.store.records import HandedOut, TemplateBuildRecord, TemplateRecord
+from coppice.substrates.base import Persistence
 
 #: the envd protocol level the agent implements; the SDK turns features on by it (§1.4)
 ENVD_VERSION = "0.6.4"
@@ -157,10 +159,6 @@ def egress_json(policy: EgressPolicy | None, internet_by_default: bool) -> dict[
 def refuse_unsupported_create_fields(obj: dict[str, Any]) -> None:
     """Fields E2B honours and Coppice cannot yet: a 400 that names them, never a silent
     success that leaves the caller believing they took effect."""
-    if obj.get("autoPauseMemory") is False:
-        raise NotSupportedYet(
-            "autoPauseMemory=false (a filesystem-only pause)", "a pause keeps memory today"
-        )
     if obj.get("secure") is False:
         raise NotSupportedYet(
             "secure=false (a sandbox without an access token)",
@@ -184,6 +182,8 @@ def parse_create(
         raise InvalidRequest("templateID is required and must be a non-empty string")
     timeout = obj.get("timeout")
     auto_pause = _enabled(obj.get("autoPause"), "autoPause")
+    # E2B's `lifecycle` mode "filesystem": a timeout's pause keeps the files only.
+    files_only = not _flag(obj, "autoPauseMemory", True)
     refuse_unsupported_create_fields(obj)
     network = obj.get("network")
     return CreateRequest(
@@ -193,7 +193,7 @@ def parse_create(
         else timeout_value(timeout, "timeout", max_timeout),
         metadata=_string_map(obj.get("metadata"), "metadata"),
         env_vars=_string_map(obj.get("envVars"), "envVars"),
-        on_timeout="pause" if auto_pause else "kill",
+        on_timeout=("pause_files" if files_only else "pause") if auto_pause else "kill",
         auto_resume=_enabled(obj.get("autoResume"), "autoResume"),
         public_traffic=_public_traffic(network),
         egress=_egress(
@@ -202,36 +202,60 @@ def parse_create(
     )
 
 
-def parse_pause(body: Any) -> bool:
-    """The pause body; returns whether the caller wants the guest's health checked first."""
-    obj = _object(body, "the request body")
-    if obj.get("memory") is False:
-        raise NotSupportedYet(
-            "a filesystem-only pause (memory=false / keep_memory=False)",
-            "pause without it: a pause keeps memory and processes",
-        )
-    return _flag(obj, "requireHealthyGuest", False)
+@dataclass(frozen=True)
+class PauseRequest:
+    #: check that the agent answers before pausing (the SDK's strict=True)
+    strict: bool
+    #: keep memory and processes (a freeze); False: stop the processes, keep the files
+    keep_memory: bool
 
 
-def parse_connect(body: Any, max_timeout: int) -> int | None:
-    """The connect/resume body: the new timeout, if the caller gave one."""
+def parse_pause(body: Any) -> PauseRequest:
     obj = _object(body, "the request body")
-    if obj.get("memory") is False:
-        raise NotSupportedYet(
-            "resuming by a reboot (memory=false / on_resume='reboot')",
-            "connect without it: resume keeps memory and processes",
-        )
+    return PauseRequest(
+        strict=_flag(obj, "requireHealthyGuest", False),
+        keep_memory=_flag(obj, "memory", True),
+    )
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    #: the new timeout, if the caller gave one
+    timeout_s: int | None
+    #: the caller asked to boot on the files rather than restore memory (on_resume="reboot")
+    reboot: bool = False
+
+
+def parse_connect(body: Any, max_timeout: int) -> ConnectRequest:
+    """The connect/resume body."""
+    obj = _object(body, "the request body")
+    reboot = not _flag(obj, "memory", True)
     if obj.get("timeout") is None:
-        return None
-    return timeout_value(obj["timeout"], "timeout", max_timeout, minimum=0)
+        return ConnectRequest(None, reboot)
+    return ConnectRequest(timeout_value(obj["timeout"], "timeout", max_timeout, minimum=0), reboot)
 
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+#: entry states E2B's API calls paused (the rest of a handed-out sandbox's are running)
+PAUSED_STATES = frozenset({State.PAUSED, State.PAUSED_FILES, State.RESUMING})
+
+
 def state_of(h: HandedOut) -> str:
-    return "paused" if h.entry.state.value == "paused" else "running"
+    return "paused" if h.entry.state in PAUSED_STATES else "running"
+
+
+def pause_json(h: HandedOut, persistence: Persistence) -> dict[str, Any] | None:
+    """What a paused sandbox kept (beyond E2B's fields: the SDK ignores it), so that nobody
+    takes a freeze for something a host reboot spares when it is not."""
+    if h.entry.state is State.PAUSED:
+        survives = persistence.memory_pause_survives_reboot
+        return {"memory": True, "files": True, "memorySurvivesHostReboot": survives}
+    if h.entry.state in PAUSED_STATES:
+        return {"memory": False, "files": True, "memorySurvivesHostReboot": False}
+    return None
 
 
 def sandbox_json(h: HandedOut, template: str) -> dict[str, Any]:
@@ -266,7 +290,11 @@ def listed_json(h: HandedOut, template: str, limits: Limits) -> dict[str, Any]:
 
 
 def detail_json(
-    h: HandedOut, template: str, limits: Limits, internet_by_default: bool = True
+    h: HandedOut,
+    template: str,
+    limits: Limits,
+    internet_by_default: bool = True,
+    paused: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body = {
         **listed_json(h, template, limits),
@@ -276,6 +304,8 @@ def detail_json(
         **egress_json(h.sandbox.egress, internet_by_default),
     }
     body.setdefault("network", {})["allowPublicTraffic"] = h.sandbox.traffic_token is None
+    if paused is not None:
+        body["pause"] = paused
     return body
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from coppice.config import Limits, Settings
 from coppice.egress_policy import EgressPolicy
@@ -33,7 +34,14 @@ from coppice.pool import deaths
 from coppice.pool import reconcile as reconcile_rules
 from coppice.pool.observer import NoObserver, PoolObserver
 from coppice.progress import Progress, SilentProgress
-from coppice.store.records import EntryRecord, SandboxRecord, TemplateRecord
+from coppice.store.disk_budget import MB
+from coppice.store.records import (
+    EntryRecord,
+    SandboxRecord,
+    SnapshotArtifact,
+    SnapshotRecord,
+    TemplateRecord,
+)
 from coppice.store.store import HANDED_OUT, Applied, Buried, Store
 from coppice.substrates import registry
 from coppice.substrates.base import SpawnSpec, Substrate
@@ -57,10 +65,23 @@ class ReconcileReport:
     finished_teardowns: list[str] = field(default_factory=list)
     leftovers_removed: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: frozen sandboxes a reboot ended, kept as files-only pauses
+    kept_paused: list[str] = field(default_factory=list)
+    #: half-made snapshots and forks' captures removed
+    snapshots_removed: list[str] = field(default_factory=list)
+    #: sandboxes whose resume or capture was cut off, put back as they were
+    put_back: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
-        return bool(self.replaced or self.finished_teardowns or self.leftovers_removed)
+        return bool(
+            self.replaced
+            or self.finished_teardowns
+            or self.leftovers_removed
+            or self.kept_paused
+            or self.snapshots_removed
+            or self.put_back
+        )
 
 
 class PoolController:
@@ -176,14 +197,22 @@ class PoolController:
                     self.progress.advance("failed")
 
     def _bring_up(
-        self, template: TemplateRecord, entry: EntryRecord, pause: bool = True
+        self,
+        template: TemplateRecord,
+        entry: EntryRecord,
+        pause: bool = True,
+        artifact: SnapshotArtifact | None = None,
     ) -> EntryRecord:
-        """Spawn and wait until it answers; then freeze it and make it available, or (with
-        `pause` false, a cold start) leave it running and warming for the caller."""
+        """Spawn (from `artifact`, a snapshot, if given) and wait until it answers; then
+        freeze it and make it available, or (with `pause` false, a cold start) leave it
+        running and warming for the caller."""
         sub = self.substrate(template.substrate)
         spec = self._spec(entry, template)
         try:
-            handle = sub.spawn(spec)
+            if artifact is None:
+                handle = sub.spawn(spec)
+            else:
+                handle = sub.spawn_from_snapshot(spec, artifact)
             self.store.set_handle(entry.id, handle)
             wait_s = template.policy.ready_timeout_s or self.settings.ready_timeout_s
             sub.wait_ready(spec, handle, wait_s)
@@ -227,13 +256,19 @@ class PoolController:
             self.observer.checked_out(template.name, time.perf_counter() - started)
             return entry
 
-    def start_cold(self, template_name: str, sandbox: SandboxRecord) -> EntryRecord:
-        """Start one entry now and hand it straight out (the pool had none available). It
-        goes from warming to in use without being paused or ever available to others."""
+    def start_cold(
+        self,
+        template_name: str,
+        sandbox: SandboxRecord,
+        artifact: SnapshotArtifact | None = None,
+    ) -> EntryRecord:
+        """Start one entry now and hand it straight out (the pool had none available, or it
+        starts from the snapshot `artifact`, which no pool holds). It goes from warming to in
+        use without being paused or ever available to others."""
         template = self.store.get_template(template_name)
         self._ensure_host(self.substrate(template.substrate))
         (fresh,) = self._reserve(template, 1)
-        self._bring_up(template, fresh, pause=False)
+        self._bring_up(template, fresh, pause=False, artifact=artifact)
         # The sandbox's lifetime runs from its hand-out, not from the request: a cold start
         # may take longer than a short timeout, and the reaper would take it at once.
         late = time.time() - sandbox.started_at
@@ -290,17 +325,55 @@ class PoolController:
         self.perform(applied)
         return applied.entry
 
-    def resume_entry(self, entry_id: str) -> EntryRecord:
+    def pause_files_entry(self, entry_id: str) -> EntryRecord:
+        """Stop the sandbox's processes and keep its files, if they fit the disk budget."""
         entry = self.store.get(entry_id)
         sub = self.substrate(entry.substrate)
-        if not sub.is_alive(entry.id, entry.handle):
+        kept = sub.footprint(entry.id, entry.handle, keep_memory=False)
+        applied = self.store.pause_files(entry_id, kept, self.settings.snapshot_disk_mb * MB)
+        self.perform(applied)
+        return applied.entry
+
+    def resume_entry(self, entry_id: str) -> EntryRecord:
+        """Thaw a frozen sandbox, or start a files-only paused one's processes again on its
+        kept files (returning once they answer)."""
+        entry = self.store.get(entry_id)
+        sub = self.substrate(entry.substrate)
+        stopped = entry.state is State.PAUSED_FILES
+        there = (
+            sub.has_files(entry.id, entry.handle)
+            if stopped
+            else sub.is_alive(entry.id, entry.handle)
+        )
+        if not there:
             buried = self.record_death(entry, "resume")
             if buried is not None:
                 self.perform(buried.applied, self.respawn)
-            raise SandboxDied(entry.id)
+            raise SandboxDied(entry.id, "its kept files are gone" if stopped else "")
         applied = self.store.apply(entry_id, Event.RESUME)
         self.perform(applied)
-        return applied.entry
+        return self.store.get(entry_id)
+
+    def _start_processes(self, entry: EntryRecord) -> None:
+        """RESUMING: start the processes on the kept files and wait for them to answer; if
+        they do not, the sandbox is stopped again and stays paused with its files."""
+        sub = self.substrate(entry.substrate)
+        try:
+            template = self.store.get_template(entry.template)
+            spec = self._spec(entry, template)
+            handle = sub.start_processes(spec, entry.handle)
+            self.store.set_handle(entry.id, handle)
+            wait_s = template.policy.ready_timeout_s or self.settings.ready_timeout_s
+            sub.wait_ready(spec, handle, wait_s)
+        except (CoppiceError, OSError) as exc:
+            error = exc if isinstance(exc, CoppiceError) else SubstrateError(str(exc))
+            with contextlib.suppress(IllegalTransition, EntryNotFound):
+                self.perform(self.store.apply(entry.id, Event.FAIL, str(error)))
+            raise SubstrateError(
+                f"sandbox {entry.id} did not start again on its kept files: {error}; "
+                "it is still paused with them, so connect again to retry"
+            ) from exc
+        self.store.apply(entry.id, Event.READY, "processes started on kept files")
 
     def available_count(self, template_name: str) -> int:
         """Entries warm in the pool now, ready for checkout."""
@@ -406,6 +479,10 @@ class PoolController:
                 sub.resume(entry.id, entry.handle)
             elif action is Action.PAUSE:
                 sub.pause(entry.id, entry.handle)
+            elif action is Action.STOP_PROCESSES:
+                sub.stop_processes(entry.id, entry.handle)
+            elif action is Action.START_PROCESSES:
+                self._start_processes(entry)
             elif action is Action.DESTROY:
                 # The address goes to the next entry: it must not inherit this one's rules.
                 try:
@@ -432,12 +509,17 @@ class PoolController:
         host_ids: set[str] = set()
         for sub in self.substrates.values():
             host_ids |= sub.host_objects().all_ids()
+        snapshot_dirs = self._snapshot_dirs()
         observations = []
         for e in self.store.list_entries():
-            known = self.substrates.get(e.substrate)
-            alive = known.is_alive(e.id, e.handle) if known is not None else False
-            observations.append(reconcile_rules.Observation(e, alive, self._owner_running(e)))
-        decided = reconcile_rules.plan(observations, host_ids, time.time())
+            observations.append(self._observe(e))
+        snapshots = [
+            reconcile_rules.SnapshotObservation(s, self._snapshot_owner_running(s))
+            for s in self.store.list_snapshots()
+        ]
+        decided = reconcile_rules.plan(
+            observations, host_ids, time.time(), snapshots, snapshot_dirs
+        )
         if decided.dead or decided.orphaned:
             # After a host reboot the bridge and cgroup parents are gone with the entries;
             # put them back before replacements are started.
@@ -447,6 +529,21 @@ class PoolController:
                 )
         for e in decided.dead + decided.orphaned:
             self._fix(e, report)
+        for e in decided.kept:
+            self._attempt(report, f"paused {e.id}", functools.partial(self._keep_files, e, report))
+        for e in decided.interrupted:
+            self._attempt(
+                report, f"interrupted {e.id}", functools.partial(self._put_back, e, report)
+            )
+        for snap in decided.abandoned_snapshots:
+            self._attempt(
+                report,
+                f"half-made snapshot {snap.id}",
+                functools.partial(self._remove_snapshot, snap, report),
+            )
+        for name in decided.snapshot_leftovers:
+            self._remove_snapshot_dir(self.settings.snapshots_dir / name)
+            report.leftovers_removed.append(name)
         for entry_id in decided.leftovers:
             for sub in self.substrates.values():
                 self._attempt(
@@ -454,6 +551,61 @@ class PoolController:
                 )
             report.leftovers_removed.append(entry_id)
         return report
+
+    def _observe(self, e: EntryRecord) -> reconcile_rules.Observation:
+        known = self.substrates.get(e.substrate)
+        if known is None:
+            return reconcile_rules.Observation(e, False, self._owner_running(e))
+        alive = e.state is not State.PAUSED_FILES and known.is_alive(e.id, e.handle)
+        # Only a paused sandbox without processes is asked: its files decide if it stays.
+        asks = e.state is State.PAUSED_FILES or (e.state is State.PAUSED and not alive)
+        has_files = asks and known.has_files(e.id, e.handle)
+        return reconcile_rules.Observation(e, alive, self._owner_running(e), has_files)
+
+    def _snapshot_dirs(self) -> set[str]:
+        try:
+            return {p.name for p in self.settings.snapshots_dir.iterdir()}
+        except FileNotFoundError:
+            return set()
+
+    def _snapshot_owner_running(self, snap: SnapshotRecord) -> bool:
+        if snap.owner_pid is None or snap.owner_start is None:
+            return False
+        owner = ProcessIdentity(snap.owner_pid, snap.owner_start)
+        return owner == self.store.owner or owner.is_running()
+
+    def _keep_files(self, e: EntryRecord, report: ReconcileReport) -> None:
+        """A frozen sandbox lost its processes (and memory) to a host reboot; its files are
+        there, so it stays paused with them and its next resume starts it on them."""
+        sub = self.substrate(e.substrate)
+        kept = sub.footprint(e.id, e.handle, keep_memory=False)
+        if self.store.processes_lost(e, kept) is not None:
+            log.warning("sandbox %s lost its memory (host reboot); kept paused with files", e.id)
+            report.kept_paused.append(e.id)
+
+    def _put_back(self, e: EntryRecord, report: ReconcileReport) -> None:
+        """A resume or a capture whose process is gone: undone, the sandbox as it was."""
+        event = Event.FAIL if e.state is State.RESUMING else Event.SNAPSHOT_DONE
+        applied = self.store.apply_if_unchanged(e, event, "its owner is gone")
+        if applied is not None:
+            self.perform(applied, self.respawn)
+            report.put_back.append(e.id)
+
+    def _remove_snapshot(self, snap: SnapshotRecord, report: ReconcileReport) -> None:
+        self.substrate(snap.substrate).delete_snapshot(Path(snap.path))
+        self.store.delete_snapshot(snap.id)
+        report.snapshots_removed.append(snap.id)
+
+    def _remove_snapshot_dir(self, directory: Path) -> None:
+        """A directory no snapshot row names (a crash between removing its files and its
+        row): whichever driver can delete snapshots removes it."""
+        for sub in self.substrates.values():
+            try:
+                sub.delete_snapshot(directory)
+            except CoppiceError:
+                continue
+            if not directory.exists():
+                return
 
     def _fix(self, e: EntryRecord, report: ReconcileReport) -> None:
         def run() -> None:

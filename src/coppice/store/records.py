@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sqlite3
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from coppice.config import Limits
@@ -143,6 +144,36 @@ class Handle:
 
 
 @dataclass(frozen=True)
+class SnapshotArtifact:
+    """What a snapshot kept, where, and how much disk it takes; stored with the snapshot so
+    any later process can start sandboxes from it or delete it."""
+
+    directory: Path
+    #: memory and processes were kept beside the files (sandboxes from it resume, not boot)
+    kept_memory: bool
+    size_bytes: int
+    #: the driver's own part (file names inside `directory`, a memory file's format)
+    driver: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "directory": str(self.directory),
+            "kept_memory": self.kept_memory,
+            "size_bytes": self.size_bytes,
+            "driver": self.driver,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SnapshotArtifact:
+        return cls(
+            Path(data["directory"]),
+            bool(data["kept_memory"]),
+            int(data["size_bytes"]),
+            dict(data.get("driver") or {}),
+        )
+
+
+@dataclass(frozen=True)
 class EntryRecord:
     id: str
     template: str
@@ -223,13 +254,16 @@ class SandboxRecord:
     started_at: float
     end_at: float
     timeout_s: float
-    on_timeout: str  # "kill" or "pause"
+    on_timeout: str  # "kill", "pause" (memory kept) or "pause_files" (files only)
     auto_resume: bool
     idempotency_key: str | None
     #: set when the sandbox's own ports are private: requests to them must carry it
     traffic_token: str | None = None
     #: what it may reach beyond the host; None: the host's default
     egress: EgressPolicy | None = None
+    #: disk its kept files hold while it is paused with files only (0 otherwise), counted
+    #: against the snapshot disk budget
+    kept_bytes: int = 0
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> SandboxRecord:
@@ -261,6 +295,7 @@ class SandboxRecord:
             self.idempotency_key,
             self.traffic_token,
             self.egress.to_json() if self.egress is not None else None,
+            self.kept_bytes,
         )
 
 
@@ -279,6 +314,7 @@ SANDBOX_COLUMNS = (
     "idempotency_key",
     "traffic_token",
     "egress",
+    "kept_bytes",
 )
 
 
@@ -453,3 +489,44 @@ class TemplateTagRecord:
     tag: str
     build_id: str
     created_at: float
+
+
+#: what a snapshot keeps: files only, or files with memory and processes
+SNAPSHOT_KINDS = ("files", "files+memory")
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """A snapshot of a sandbox, or (purpose "fork") the passing capture a fork starts its
+    sandboxes from. `state` is "making" from the moment its directory may exist until the
+    capture is done, so that a crash in between leaves a row reconcile can find and remove
+    with what it wrote; a fork's capture stays "making" until it is deleted, after its
+    forks are up."""
+
+    id: str
+    #: the caller's name for it (unique per tenant; a newer snapshot takes it over); None
+    name: str | None
+    tenant: str
+    source_id: str
+    template: str
+    substrate: str
+    purpose: str  # "snapshot" or "fork"
+    kind: str  # one of SNAPSHOT_KINDS: asked for while making, kept once ready
+    size_bytes: int
+    path: str
+    state: str  # "making" or "ready"
+    created_at: float
+    owner_pid: int | None = None
+    owner_start: int | None = None
+    artifact: SnapshotArtifact | None = None
+
+    @property
+    def kept_memory(self) -> bool:
+        return self.kind == "files+memory"
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> SnapshotRecord:
+        data = {k: row[k] for k in row.keys()}  # noqa: SIM118 - Row has no iterator of keys
+        raw = data.pop("artifact", None)
+        artifact = SnapshotArtifact.from_json(json.loads(raw)) if raw else None
+        return cls(**data, artifact=artifact)

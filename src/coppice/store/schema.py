@@ -137,6 +137,31 @@ MIGRATIONS: tuple[str, ...] = (
         decided_at REAL NOT NULL
     );
     """,
+    # 9: snapshots (and forks' passing captures), made in state 'making' before anything is
+    # written to disk so that reconcile can remove what a crash leaves; the disk a files-only
+    # paused sandbox keeps, for the disk budget
+    """
+    CREATE TABLE snapshots (
+        id          TEXT PRIMARY KEY,
+        name        TEXT,
+        tenant      TEXT NOT NULL,
+        source_id   TEXT NOT NULL,
+        template    TEXT NOT NULL,
+        substrate   TEXT NOT NULL,
+        purpose     TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        size_bytes  INTEGER NOT NULL,
+        path        TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        created_at  REAL NOT NULL,
+        owner_pid   INTEGER,
+        owner_start INTEGER,
+        artifact    TEXT
+    );
+    CREATE UNIQUE INDEX snapshots_name ON snapshots (tenant, name);
+    CREATE INDEX snapshots_listed ON snapshots (tenant, created_at);
+    ALTER TABLE sandboxes ADD COLUMN kept_bytes INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

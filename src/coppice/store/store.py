@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,11 +29,13 @@ from coppice.errors import (
     EntryNotFound,
     HostResourceExhausted,
     PoolExhausted,
+    SnapshotNotFound,
     TemplateNotFound,
 )
 from coppice.host.processes import ProcessIdentity
-from coppice.lifecycle import Action, Event, State, deadline_for, transition
-from coppice.store import ipam
+from coppice.lifecycle import HANDED_OUT_STATES, Action, Event, State, deadline_for, transition
+from coppice.store import disk_budget, ipam
+from coppice.store.disk_budget import DiskHolder
 from coppice.store.records import (
     ENTRY_COLUMNS,
     SANDBOX_COLUMNS,
@@ -44,6 +46,8 @@ from coppice.store.records import (
     Handle,
     PoolTargetRecord,
     SandboxRecord,
+    SnapshotArtifact,
+    SnapshotRecord,
     TemplateBuildRecord,
     TemplateRecord,
     TemplateTagRecord,
@@ -51,7 +55,7 @@ from coppice.store.records import (
 )
 from coppice.store.schema import migrate
 
-HANDED_OUT = frozenset({State.IN_USE, State.PAUSED})
+HANDED_OUT = HANDED_OUT_STATES
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,18 @@ class Buried:
 
     applied: Applied
     tombstone: TombstoneRecord | None
+
+
+@dataclass(frozen=True)
+class CaptureStarted:
+    """A capture decided: the source is SNAPSHOTTING and its snapshot row is "making"."""
+
+    applied: Applied
+    snapshot: SnapshotRecord
+
+
+def new_snapshot_id() -> str:
+    return "snap-" + secrets.token_hex(6)
 
 
 def new_entry_id() -> str:
@@ -662,6 +678,158 @@ class Store:
         with self._write() as conn:
             cur = conn.execute("DELETE FROM tombstones WHERE died_at < ?", (before,))
         return cur.rowcount
+
+    # -- snapshots and the disk they hold --------------------------------------------------------
+
+    def _disk_holders(self, conn: sqlite3.Connection) -> list[DiskHolder]:
+        snapshots = conn.execute("SELECT id, size_bytes FROM snapshots").fetchall()
+        paused = conn.execute(
+            "SELECT s.id, s.kept_bytes FROM sandboxes s JOIN entries e ON e.id = s.id"
+            " WHERE e.state IN (?, ?)",
+            (State.PAUSED_FILES.value, State.RESUMING.value),
+        ).fetchall()
+        return [DiskHolder("snapshot", r[0], r[1]) for r in snapshots] + [
+            DiskHolder("paused sandbox", r[0], r[1]) for r in paused
+        ]
+
+    def disk_holders(self) -> list[DiskHolder]:
+        """What holds disk against the snapshot budget now."""
+        return self._disk_holders(self._conn())
+
+    def begin_capture(
+        self,
+        source_id: str,
+        tenant: str,
+        purpose: str,
+        kind: str,
+        path_of: Callable[[str], Path],
+        need_bytes: int,
+        budget_bytes: int,
+    ) -> CaptureStarted:
+        """Start capturing a running sandbox, in one transaction: it goes SNAPSHOTTING (no
+        pause or kill can pull it away mid-capture), the need is checked against the disk
+        budget, and the snapshot's row is written "making" before anything reaches disk."""
+        snapshot_id = new_snapshot_id()
+        with self._write() as conn:
+            disk_budget.check(
+                self._disk_holders(conn),
+                need_bytes,
+                budget_bytes,
+                f"a {'fork' if purpose == 'fork' else 'snapshot'} of {source_id}",
+            )
+            applied = self._apply(conn, source_id, Event.SNAPSHOT, f"{purpose} {snapshot_id}")
+            entry = applied.entry
+            conn.execute(
+                "INSERT INTO snapshots (id, name, tenant, source_id, template, substrate,"
+                " purpose, kind, size_bytes, path, state, created_at, owner_pid, owner_start)"
+                " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, 'making', ?, ?, ?)",
+                (snapshot_id, tenant, source_id, entry.template, entry.substrate, purpose,
+                 kind, need_bytes, str(path_of(snapshot_id)), time.time(), self.owner.pid,
+                 self.owner.start_time),
+            )  # fmt: skip
+            self._event(conn, f"{purpose}_started", source_id, entry.template, snapshot_id)
+            return CaptureStarted(applied, self._snapshot_in(conn, snapshot_id))
+
+    def end_capture(
+        self,
+        snapshot_id: str,
+        artifact: SnapshotArtifact | None,
+        name: str | None = None,
+    ) -> tuple[Applied | None, SnapshotRecord | None]:
+        """The capture is over: the source runs again (if it is still there to), and the
+        snapshot is ready under `name` (taken over from an older snapshot of the tenant's
+        that had it), or, with no artifact (it failed), forgotten. A fork's capture stays
+        "making" with its artifact until `delete_snapshot`, once its forks are up."""
+        with self._write() as conn:
+            found = self._snapshot_in(conn, snapshot_id)
+            applied = None
+            row = conn.execute(
+                "SELECT state FROM entries WHERE id = ?", (found.source_id,)
+            ).fetchone()
+            if row is not None and row[0] == State.SNAPSHOTTING.value:
+                applied = self._apply(conn, found.source_id, Event.SNAPSHOT_DONE, snapshot_id)
+            if artifact is None:
+                conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+                return applied, None
+            kind = "files+memory" if artifact.kept_memory else "files"
+            state = "making" if found.purpose == "fork" else "ready"
+            if name is not None:
+                conn.execute(
+                    "UPDATE snapshots SET name = NULL WHERE tenant = ? AND name = ?",
+                    (found.tenant, name),
+                )
+            conn.execute(
+                "UPDATE snapshots SET name = ?, kind = ?, size_bytes = ?, state = ?,"
+                " artifact = ? WHERE id = ?",
+                (name, kind, artifact.size_bytes, state, json.dumps(artifact.to_json()),
+                 snapshot_id),
+            )  # fmt: skip
+            self._event(conn, f"{found.purpose}_taken", found.source_id, found.template, kind)
+            return applied, self._snapshot_in(conn, snapshot_id)
+
+    def _snapshot_in(self, conn: sqlite3.Connection, snapshot_id: str) -> SnapshotRecord:
+        row = conn.execute("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+        if row is None:
+            raise SnapshotNotFound(snapshot_id)
+        return SnapshotRecord.from_row(row)
+
+    def get_snapshot(self, snapshot_id: str) -> SnapshotRecord | None:
+        row = (
+            self._conn().execute("SELECT * FROM snapshots WHERE id = ?", (snapshot_id,)).fetchone()
+        )
+        return None if row is None else SnapshotRecord.from_row(row)
+
+    def named_snapshot(self, tenant: str, name: str) -> SnapshotRecord | None:
+        row = (
+            self._conn()
+            .execute("SELECT * FROM snapshots WHERE tenant = ? AND name = ?", (tenant, name))
+            .fetchone()
+        )
+        return None if row is None else SnapshotRecord.from_row(row)
+
+    def list_snapshots(self, tenant: str | None = None) -> list[SnapshotRecord]:
+        """Every snapshot (of `tenant`), forks' captures and half-made ones included,
+        oldest first."""
+        where, args = ("WHERE tenant = ?", (tenant,)) if tenant is not None else ("", ())
+        rows = self._conn().execute(
+            f"SELECT * FROM snapshots {where} ORDER BY created_at, id",  # noqa: S608
+            args,
+        )
+        return [SnapshotRecord.from_row(r) for r in rows.fetchall()]
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Forget the snapshot; its files are removed (by its driver) before this."""
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+            if cur.rowcount:
+                self._event(conn, "snapshot_deleted", None, None, snapshot_id)
+
+    def pause_files(self, entry_id: str, kept_bytes: int, budget_bytes: int) -> Applied:
+        """Pause a running sandbox keeping only its files, if they fit the disk budget: one
+        transaction for the check, the PAUSE_FILES and what it holds."""
+        with self._write() as conn:
+            disk_budget.check(
+                self._disk_holders(conn),
+                kept_bytes,
+                budget_bytes,
+                f"a files-only pause of {entry_id}",
+            )
+            applied = self._apply(conn, entry_id, Event.PAUSE_FILES, f"{kept_bytes} bytes kept")
+            conn.execute("UPDATE sandboxes SET kept_bytes = ? WHERE id = ?", (kept_bytes, entry_id))
+            return applied
+
+    def processes_lost(self, seen: EntryRecord, kept_bytes: int) -> Applied | None:
+        """A frozen sandbox's processes are gone and its files are kept (a host reboot): it
+        stays, as a files-only pause. None if someone changed the entry since `seen`."""
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT updated_at, state FROM entries WHERE id = ?", (seen.id,)
+            ).fetchone()
+            if row is None or row[0] != seen.updated_at or row[1] != seen.state.value:
+                return None
+            applied = self._apply(conn, seen.id, Event.PROCESSES_LOST, "processes gone, files kept")
+            conn.execute("UPDATE sandboxes SET kept_bytes = ? WHERE id = ?", (kept_bytes, seen.id))
+            return applied
 
     # -- pool targets ---------------------------------------------------------------------------
 

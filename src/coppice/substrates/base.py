@@ -15,7 +15,7 @@ from typing import Protocol
 from coppice.config import Limits, NetworkSettings
 from coppice.egress_policy import EgressPolicy
 from coppice.resource_usage import ResourceUsage
-from coppice.store.records import Handle, HeadProcess, TemplateRecord
+from coppice.store.records import Handle, HeadProcess, SnapshotArtifact, TemplateRecord
 
 __all__ = [
     "AGENT_PORT",
@@ -24,6 +24,8 @@ __all__ = [
     "Handle",
     "HeadProcess",
     "HostObjects",
+    "Persistence",
+    "SnapshotArtifact",
     "SpawnSpec",
     "Substrate",
 ]
@@ -50,6 +52,21 @@ class HostObjects:
 
     def all_ids(self) -> set[str]:
         return set().union(*self.by_kind.values()) if self.by_kind else set()
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """What a substrate can keep of a sandbox beyond its running processes. The control
+    plane reads it to promise no more than the driver does: a snapshot asked to keep memory
+    where `memory_in_snapshots` is false is refused, and a memory pause where
+    `memory_pause_survives_reboot` is false is answered as one a host reboot turns into a
+    files-only pause."""
+
+    #: a snapshot (and so a fork) carries the sandbox's memory and processes, not only files
+    memory_in_snapshots: bool
+    #: a pause that keeps memory (`pause`) is on disk and outlives a host reboot, rather than
+    #: a freeze of processes that the reboot ends
+    memory_pause_survives_reboot: bool
 
 
 class EgressControl(Protocol):
@@ -126,3 +143,52 @@ class Substrate(Protocol):
 
     def host_objects(self) -> HostObjects:
         """Which entry ids own processes, mounts, cgroups, links or directories right now."""
+
+    # -- snapshots, fork, the files-only pause ----------------------------------------------
+    #
+    # A driver without these yet raises NotSupportedOnSubstrate from each (has_files answers
+    # False), so the gateway refuses by name instead of pretending.
+
+    @property
+    def persistence(self) -> Persistence:
+        """What this substrate keeps across a snapshot and across a host reboot."""
+
+    def footprint(self, entry_id: str, handle: Handle | None, keep_memory: bool) -> int:
+        """Bytes a snapshot of the sandbox (with its memory, if `keep_memory`) or a files-only
+        pause of it would hold on disk now: checked against the disk budget before any work
+        is done, so a capture that would not fit is refused before it starts."""
+
+    def snapshot(
+        self, entry_id: str, handle: Handle | None, directory: Path, keep_memory: bool
+    ) -> SnapshotArtifact:
+        """Capture the running sandbox's writable files (and, with `keep_memory` where
+        `persistence.memory_in_snapshots`, its memory and devices) into `directory`, which
+        the caller made empty. The sandbox may be paused for the capture but runs again when
+        this returns, failed or not. The artifact must not depend on the sandbox: it outlives
+        it. Raises SandboxDied if the sandbox is gone."""
+
+    def spawn_from_snapshot(self, spec: SpawnSpec, artifact: SnapshotArtifact) -> Handle:
+        """Start a new sandbox with `spec`'s identity (address, hostname, limits) from the
+        artifact: its files, and its memory where the artifact kept it (then what ran goes on
+        running, with the new identity applied as pool clones get theirs). Returns once its
+        processes exist; the caller then waits with `wait_ready`. The new sandbox must not
+        depend on the artifact afterwards (copy or reflink it): a snapshot can be deleted
+        while its sandboxes run, and a fork's artifact is deleted once its forks are up."""
+
+    def stop_processes(self, entry_id: str, handle: Handle | None) -> None:
+        """End every process of the sandbox and keep its files (its writable layer, its
+        disk) where they are, releasing its memory; the address stays reserved. What is kept
+        must survive a gateway restart and a host reboot. Safe on a sandbox already stopped."""
+
+    def start_processes(self, spec: SpawnSpec, handle: Handle | None) -> Handle:
+        """Start the stopped sandbox's processes again on its kept files, as a fresh boot
+        of the template's start-up on them; returns its new handle (a new head process)
+        once they exist. The caller then waits with `wait_ready`."""
+
+    def has_files(self, entry_id: str, handle: Handle | None) -> bool:
+        """The sandbox's kept files are on disk (whether or not its processes run): what
+        reconcile asks of a paused sandbox whose processes are gone before it keeps it."""
+
+    def delete_snapshot(self, directory: Path) -> None:
+        """Remove what a snapshot holds on disk; safe on half-made and already-gone ones
+        (reconcile removes what a crash in the middle of `snapshot` left)."""

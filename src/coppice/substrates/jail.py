@@ -43,6 +43,7 @@ from coppice.substrates.base import (
     Handle,
     HeadProcess,
     HostObjects,
+    Persistence,
     SpawnSpec,
 )
 from coppice.substrates.children import Children
@@ -58,6 +59,7 @@ from coppice.substrates.jail_zygote import (
 )
 from coppice.substrates.lxcfs import PROC_FILES, LxcfsDaemon, proc_binds
 from coppice.substrates.prerequisites import require_root, require_tools
+from coppice.substrates.snapshots_not_yet import SnapshotsNotYet
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
 INIT_PATH = "/usr/lib/coppice/init"
@@ -124,8 +126,11 @@ LAUNCHER = (
 )
 
 
-class JailSubstrate:
+class JailSubstrate(SnapshotsNotYet):
     name = "jail"
+    #: memory only as a cgroup freeze, which a host reboot ends (CRIU cannot restore on
+    #: this host's kernel); snapshots keep files only
+    persistence = Persistence(memory_in_snapshots=False, memory_pause_survives_reboot=False)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -40,6 +40,7 @@ from coppice.substrates.base import (
     Handle,
     HeadProcess,
     HostObjects,
+    Persistence,
     SpawnSpec,
 )
 from coppice.substrates.children import Children
@@ -60,6 +61,7 @@ from coppice.substrates.qemu_cmdline import (
     qemu_argv,
 )
 from coppice.substrates.qmp_channel import QmpChannel
+from coppice.substrates.snapshots_not_yet import SnapshotsNotYet
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 from coppice.substrates.vm_disk import WritableDisks, writable_disk_bytes
 from coppice.substrates.vm_usage import read_usage
@@ -80,8 +82,11 @@ SETTLE_TIMEOUT_S = 5.0
 TB_SIZE_MB = 64
 
 
-class VmSubstrate:
+class VmSubstrate(SnapshotsNotYet):
     name = "vm"
+    #: a VM's memory and devices go to a file (as the golden snapshot's do), which a host
+    #: reboot leaves on disk
+    persistence = Persistence(memory_in_snapshots=True, memory_pause_survives_reboot=True)
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
