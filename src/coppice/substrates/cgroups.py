@@ -100,6 +100,7 @@ class CgroupDriver(Protocol):
     def join_files(self, name: str) -> list[Path]: ...
     def freeze(self, name: str) -> None: ...
     def thaw(self, name: str) -> None: ...
+    def is_frozen(self, name: str) -> bool: ...
     def pids(self, name: str) -> list[int]: ...
     def usage(self, name: str) -> CgroupUsage: ...
     def oom_counters(self, name: str) -> OomCounters | None: ...
@@ -254,6 +255,9 @@ class CgroupV1:
     def thaw(self, name: str) -> None:
         _write(self._dir("freezer", name) / "freezer.state", "THAWED\n")
 
+    def is_frozen(self, name: str) -> bool:
+        return self._state(name) == "FROZEN"
+
     def pids(self, name: str) -> list[int]:
         return _read_pids(self._dir("pids", name) / "cgroup.procs")
 
@@ -373,6 +377,9 @@ class CgroupV2:
 
     def thaw(self, name: str) -> None:
         _write(self._dir(name) / "cgroup.freeze", "0\n")
+
+    def is_frozen(self, name: str) -> bool:
+        return self._frozen(name)
 
     def pids(self, name: str) -> list[int]:
         return _read_pids(self._dir(name) / "cgroup.procs")

@@ -44,18 +44,50 @@ class EntryDisks:
             self.prepare()
             self._require_room(size_mb)
             copy_sparse(self._empty_image(size_mb), self.image(entry_id))
-            with loop_devices.attached(self.image(entry_id)) as device:
-                mounts.mount(str(device), mount_point, "ext4", plan.MOUNT_FLAGS, plan.MOUNT_DATA)
+            self._mount(entry_id, mount_point)
         except OSError as exc:
             raise self._translated(exc, entry_id) from exc
+
+    def create_from(self, entry_id: str, source: Path, mount_point: Path) -> None:
+        """The entry's disk as a sparse copy of `source` (a snapshot's image), mounted."""
+        try:
+            self.prepare()
+            self._require_room(source.stat().st_size // plan.MIB)
+            copy_sparse(source, self.image(entry_id))
+            self._mount(entry_id, mount_point)
+        except OSError as exc:
+            raise self._translated(exc, entry_id) from exc
+
+    def mount_kept(self, entry_id: str, mount_point: Path) -> None:
+        """Mount the disk a files-only pause kept (it survives restarts and reboots)."""
+        try:
+            self._mount(entry_id, mount_point)
+        except OSError as exc:
+            raise self._translated(exc, entry_id) from exc
+
+    def _mount(self, entry_id: str, mount_point: Path) -> None:
+        with loop_devices.attached(self.image(entry_id)) as device:
+            mounts.mount(str(device), mount_point, "ext4", plan.MOUNT_FLAGS, plan.MOUNT_DATA)
+
+    def detach(self, entry_id: str) -> None:
+        """Once the entry's filesystem is unmounted: let go of its loop device, keep the
+        image (a files-only pause)."""
+        for device, backing in loop_devices.backing_files().items():
+            if plan.entry_of_backing_file(backing, self.directory) == entry_id:
+                loop_devices.detach(device)
+
+    def allocated_bytes(self, entry_id: str) -> int:
+        """What the entry's image holds on the host disk (it is sparse)."""
+        try:
+            return self.image(entry_id).stat().st_blocks * 512
+        except FileNotFoundError:
+            return 0
 
     def release(self, entry_id: str) -> None:
         """Once the entry's filesystem is unmounted: delete the image (the kernel frees its
         blocks when the device lets go of it). The device detaches itself at the unmount;
         one still attached (a crash between the steps, a lazy unmount) is detached here."""
-        for device, backing in loop_devices.backing_files().items():
-            if plan.entry_of_backing_file(backing, self.directory) == entry_id:
-                loop_devices.detach(device)
+        self.detach(entry_id)
         self.image(entry_id).unlink(missing_ok=True)
 
     def owners(self) -> dict[str, set[str]]:

@@ -25,13 +25,20 @@ import functools
 import os
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from coppice.config import Limits, NetworkSettings, Settings
-from coppice.errors import HostResourceExhausted, PrerequisiteMissing, SubstrateError
-from coppice.host import mounts
+from coppice.errors import (
+    HostResourceExhausted,
+    NotSupportedOnSubstrate,
+    PrerequisiteMissing,
+    SandboxDied,
+    SubstrateError,
+)
+from coppice.host import fs_freeze, mounts
 from coppice.host.processes import ProcessIdentity
+from coppice.host.sparse_files import copy_sparse
 from coppice.images.keys import generate_ed25519
 from coppice.net.egress_table import SandboxEgress
 from coppice.net.sandbox_link import SandboxLink
@@ -44,6 +51,7 @@ from coppice.substrates.base import (
     HeadProcess,
     HostObjects,
     Persistence,
+    SnapshotArtifact,
     SpawnSpec,
 )
 from coppice.substrates.children import Children
@@ -59,7 +67,6 @@ from coppice.substrates.jail_zygote import (
 )
 from coppice.substrates.lxcfs import PROC_FILES, LxcfsDaemon, proc_binds
 from coppice.substrates.prerequisites import require_root, require_tools
-from coppice.substrates.snapshots_not_yet import SnapshotsNotYet
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 
 INIT_PATH = "/usr/lib/coppice/init"
@@ -126,7 +133,11 @@ LAUNCHER = (
 )
 
 
-class JailSubstrate(SnapshotsNotYet):
+#: a jail snapshot's one file: the entry's disk image, sparse
+SNAPSHOT_IMAGE = "disk.img"
+
+
+class JailSubstrate:
     name = "jail"
     #: memory only as a cgroup freeze, which a host reboot ends (CRIU cannot restore on
     #: this host's kernel); snapshots keep files only
@@ -260,14 +271,21 @@ class JailSubstrate(SnapshotsNotYet):
     # -- one entry ----------------------------------------------------------------------------
 
     def spawn(self, spec: SpawnSpec) -> Handle:
+        return self._spawn(
+            spec, lambda entry_dir: self.disks.create(spec.entry_id, spec.limits.disk_mb, entry_dir)
+        )
+
+    def _spawn(self, spec: SpawnSpec, make_disk: Callable[[Path], None]) -> Handle:
+        """Start the entry on the disk `make_disk` mounts at its directory: a fresh one, a
+        snapshot's copy, or the one a files-only pause kept (upper and work already there)."""
         base = self.settings.jail_uid_base
         entry_dir = self.entry_dir(spec.entry_id)
         merged = entry_dir / "merged"
         entry_dir.mkdir(parents=True, exist_ok=False)
-        self.disks.create(spec.entry_id, spec.limits.disk_mb, entry_dir)
+        make_disk(entry_dir)
         try:
             for sub in ("upper", "work", "merged"):
-                (entry_dir / sub).mkdir()
+                (entry_dir / sub).mkdir(exist_ok=True)
             os.chown(entry_dir / "upper", base, base)
             lower = spec.template.rootfs
             mounts.mount(
@@ -490,6 +508,9 @@ class JailSubstrate(SnapshotsNotYet):
         pass  # a jail keeps nothing per template beyond its rootfs, which the builder owns
 
     def destroy(self, entry_id: str, handle: Handle | None) -> None:
+        self._teardown(entry_id, keep_disk=False)
+
+    def _teardown(self, entry_id: str, keep_disk: bool) -> None:
         teardown = Teardown(entry_id)
         teardown.attempt("kill", lambda: self.cgroups.kill_all(entry_id))
         child = self._children.pop(entry_id)
@@ -498,11 +519,73 @@ class JailSubstrate(SnapshotsNotYet):
         entry_dir = self.entry_dir(entry_id)
         for point in mounts.mounts_under(entry_dir):
             teardown.attempt(f"unmount {point}", functools.partial(mounts.unmount, point))
-        teardown.attempt("remove disk", lambda: self.disks.release(entry_id))
-        teardown.attempt("remove directory", lambda: rmtree_if_exists(entry_dir))
+        if keep_disk:
+            teardown.attempt("detach disk", lambda: self.disks.detach(entry_id))
+        else:
+            teardown.attempt("remove disk", lambda: self.disks.release(entry_id))
+        if not (keep_disk and os.path.ismount(entry_dir)):  # never the kept files
+            teardown.attempt("remove directory", lambda: rmtree_if_exists(entry_dir))
         teardown.attempt("remove network", lambda: self.link.remove(entry_id))
         teardown.attempt("remove cgroups", lambda: self.cgroups.remove(entry_id))
         teardown.finish()
+
+    # -- snapshots and files-only pauses ------------------------------------------------------
+
+    def footprint(self, entry_id: str, handle: Handle | None, keep_memory: bool) -> int:
+        if keep_memory:
+            raise NotSupportedOnSubstrate(
+                "a snapshot with memory", self.name, "snapshots of its files (memory=false)"
+            )
+        return self.disks.allocated_bytes(entry_id)
+
+    def snapshot(
+        self, entry_id: str, handle: Handle | None, directory: Path, keep_memory: bool
+    ) -> SnapshotArtifact:
+        """The entry's disk image, copied (sparse) while its processes are frozen and its
+        filesystem is frozen too: the copy is a clean ext4, whatever was being written."""
+        if keep_memory:
+            raise NotSupportedOnSubstrate(
+                "a snapshot with memory", self.name, "snapshots of its files (memory=false)"
+            )
+        if not self.is_alive(entry_id, handle):
+            raise SandboxDied(entry_id)
+        was_frozen = self.cgroups.is_frozen(entry_id)
+        target = directory / SNAPSHOT_IMAGE
+        try:
+            if not was_frozen:
+                self.cgroups.freeze(entry_id)
+            with fs_freeze.frozen(self.entry_dir(entry_id)):
+                copy_sparse(self.disks.image(entry_id), target)
+        except OSError as exc:
+            raise SubstrateError(f"cannot snapshot the disk of {entry_id}: {exc}") from exc
+        finally:
+            if not was_frozen:
+                self.cgroups.thaw(entry_id)
+        return SnapshotArtifact(
+            directory, False, target.stat().st_blocks * 512, {"image": SNAPSHOT_IMAGE}
+        )
+
+    def spawn_from_snapshot(self, spec: SpawnSpec, artifact: SnapshotArtifact) -> Handle:
+        image = artifact.directory / str(artifact.driver.get("image", SNAPSHOT_IMAGE))
+        return self._spawn(
+            spec, lambda entry_dir: self.disks.create_from(spec.entry_id, image, entry_dir)
+        )
+
+    def stop_processes(self, entry_id: str, handle: Handle | None) -> None:
+        """Everything of the entry goes but its disk image (in state_dir, so it outlives a
+        reboot); `start_processes` mounts it again."""
+        self._teardown(entry_id, keep_disk=True)
+
+    def start_processes(self, spec: SpawnSpec, handle: Handle | None) -> Handle:
+        if not self.disks.image(spec.entry_id).exists():
+            raise SandboxDied(spec.entry_id)
+        return self._spawn(spec, lambda entry_dir: self.disks.mount_kept(spec.entry_id, entry_dir))
+
+    def has_files(self, entry_id: str, handle: Handle | None) -> bool:
+        return self.disks.image(entry_id).exists()
+
+    def delete_snapshot(self, directory: Path) -> None:
+        rmtree_if_exists(directory)
 
     def host_objects(self) -> HostObjects:
         entries_dir = self.settings.entries_dir
