@@ -314,10 +314,6 @@ def test_signed_urls_work_behind_one_origin(sbx: Sandbox) -> None:
     [
         ({"network": {"dns_servers": ["198.51.100.53"]}}, "dnsServers"),
         ({"volume_mounts": {"/data": "vol"}}, "volume"),
-        (
-            {"lifecycle": {"on_timeout": {"action": "pause", "mode": "filesystem"}}},
-            "autoPauseMemory",
-        ),
     ],
 )
 def test_unsupported_create_fields_are_a_clear_400(
@@ -329,12 +325,10 @@ def test_unsupported_create_fields_are_a_clear_400(
     assert feature in str(info.value) and "not supported by Coppice yet" in str(info.value)
 
 
-def test_a_filesystem_only_pause_is_refused(sbx: Sandbox) -> None:
-    with pytest.raises(SandboxException, match="not supported by Coppice yet"):
-        sbx.pause(keep_memory=False)
-    assert sbx.get_info().state.value == "running"
-    assert sbx.pause() is True  # the pause Coppice has still works
-    sbx.connect()
+def test_a_filesystem_only_auto_pause_is_accepted(gateway: GatewayProcess) -> None:
+    # served since snapshots landed: the files stay, the processes stop (test_jail_snapshots)
+    sbx = Sandbox.create(lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
+    sbx.kill()
 
 
 def test_the_sdk_default_internet_flag_is_accepted(gateway: GatewayProcess) -> None:
