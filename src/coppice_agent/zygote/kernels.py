@@ -33,6 +33,7 @@ from typing import Any
 from coppice_agent.zygote import linux, wire
 from coppice_agent.zygote.child import read_file
 from coppice_agent.zygote.plan import capability_numbers
+from coppice_agent.zygote.reaping import reap_exited
 
 #: the namespaces of an entry, in the order the fork joins them (user first: the others
 #: belong to it) and the names of their /proc/self/ns files
@@ -114,16 +115,6 @@ class KernelRequest:
         )
 
 
-def _reap(_signum: int = 0, _frame: object = None) -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
 def _log(message: str) -> None:
     print(f"coppice-kernel-zygote: {message}", file=sys.stderr, flush=True)
 
@@ -131,7 +122,7 @@ def _log(message: str) -> None:
 def serve(control: socket.socket) -> None:
     """Take entry sockets from the agent zygote (`control`) until it closes, and serve each
     entry's two messages."""
-    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGCHLD, reap_exited)
     sel = selectors.DefaultSelector()
     sel.register(control, selectors.EVENT_READ, None)
     entries: dict[int, EntryNamespaces | None] = {}

@@ -21,11 +21,11 @@ import signal
 import socket
 import sys
 import time
-from types import FrameType
 
 from coppice_agent.zygote import wire
 from coppice_agent.zygote.child import become_entry, close_all_but
 from coppice_agent.zygote.plan import BadRequest, EntryRequest
+from coppice_agent.zygote.reaping import reap_exited
 
 #: how long a fork may take to unshare its user namespace before the zygote gives up on it
 MAP_TIMEOUT_S = 5.0
@@ -38,22 +38,12 @@ def preload() -> None:
     import coppice_agent.server  # noqa: F401
 
 
-def _reap(_signum: int = 0, _frame: FrameType | None = None) -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
 def _log(message: str) -> None:
     print(f"coppice-zygote: {message}", file=sys.stderr, flush=True)
 
 
 def serve(control: socket.socket, kernels: socket.socket | None) -> None:
-    signal.signal(signal.SIGCHLD, _reap)
+    signal.signal(signal.SIGCHLD, reap_exited)
     while True:
         try:
             message = wire.receive(control)
