@@ -99,11 +99,6 @@ class SpawnSlots:
             self._free += 1
         self.on_release()
 
-    @property
-    def free(self) -> int:
-        with self._lock:
-            return self._free
-
 
 class _Ticket:
     __slots__ = ("template",)
