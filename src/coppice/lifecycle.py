@@ -7,10 +7,12 @@ already paused", so no checkout can ever see an entry that a warm is still about
 A cold start is its own path, HAND_OUT, from warming straight to in use: the entry is never
 available to anyone else, so no concurrent checkout can take it from the caller who started it.
 
-A handed-out sandbox has two pauses. PAUSE freezes it (memory and processes kept, as long as
-the host runs); PAUSE_FILES stops its processes and keeps only its files on disk, which a
-gateway restart and a host reboot both leave in place, and a RESUME of that starts its
-processes again (RESUMING until they answer). A snapshot or a fork of a running sandbox holds
+A handed-out sandbox has two pauses. PAUSE suspends it with its memory and processes kept
+(SUSPEND: a freeze in a jail, which lasts as long as the host runs; a VM's memory written to
+disk and its QEMU ended, which outlives a reboot; WAKE undoes either). PAUSE_FILES stops
+its processes and keeps only its files on disk, which a gateway restart and a host reboot
+both leave in place, and a RESUME of that starts its processes again (RESUMING until they
+answer). A snapshot or a fork of a running sandbox holds
 it in SNAPSHOTTING while its state is captured, so no kill or pause can pull the sandbox out
 from under the capture; either outcome, or a crash of the process taking it, puts it back to
 running.
@@ -28,7 +30,7 @@ class State(enum.StrEnum):
     WARMING = "warming"  # resources being created, not yet answering
     AVAILABLE = "available"  # answering and paused, waiting for a checkout
     IN_USE = "in_use"  # handed out and running
-    PAUSED = "paused"  # handed out, frozen by its user: memory kept while the host runs
+    PAUSED = "paused"  # handed out, suspended by its user with its memory kept
     PAUSED_FILES = "paused_files"  # handed out, processes stopped, files kept on disk
     RESUMING = "resuming"  # handed out, processes starting again on its kept files
     SNAPSHOTTING = "snapshotting"  # handed out, its state being captured (a snapshot, a fork)
@@ -62,6 +64,8 @@ class Action(enum.StrEnum):
     DESTROY = "destroy"
     RESPAWN = "respawn"  # start a replacement so the pool keeps its size
     FORGET = "forget"  # delete the record, which frees its address
+    SUSPEND = "suspend"  # a user's pause with memory kept (see the module's docstring)
+    WAKE = "wake"  # undo SUSPEND
     STOP_PROCESSES = "stop_processes"  # end its processes, keep its files
     START_PROCESSES = "start_processes"  # start its processes again on its kept files
 
@@ -89,8 +93,8 @@ _TABLE: dict[tuple[State, Event], Transition] = {
     (State.WARMING, Event.HAND_OUT): Transition(State.IN_USE),
     (State.WARMING, Event.FAIL): Transition(State.FAILED, (Action.DESTROY,)),
     (State.AVAILABLE, Event.CHECKOUT): Transition(State.IN_USE, (Action.RESUME,)),
-    (State.IN_USE, Event.PAUSE): Transition(State.PAUSED, (Action.PAUSE,)),
-    (State.PAUSED, Event.RESUME): Transition(State.IN_USE, (Action.RESUME,)),
+    (State.IN_USE, Event.PAUSE): Transition(State.PAUSED, (Action.SUSPEND,)),
+    (State.PAUSED, Event.RESUME): Transition(State.IN_USE, (Action.WAKE,)),
     (State.IN_USE, Event.RETURN): Transition(State.RETURNING, (Action.DESTROY, Action.RESPAWN)),
     (State.PAUSED, Event.RETURN): Transition(State.RETURNING, (Action.DESTROY, Action.RESPAWN)),
     (State.IN_USE, Event.PAUSE_FILES): Transition(State.PAUSED_FILES, (Action.STOP_PROCESSES,)),

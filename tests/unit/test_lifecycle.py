@@ -60,8 +60,9 @@ def test_pause_and_resume_while_in_use() -> None:
         State.RETURNING,
         State.GONE,
     ]
-    assert steps[1].actions == (Action.PAUSE,)
-    assert steps[2].actions == (Action.RESUME,)
+    # A user's pause is a suspension (which a driver may write to disk), not the pool's freeze.
+    assert steps[1].actions == (Action.SUSPEND,)
+    assert steps[2].actions == (Action.WAKE,)
     assert steps[4].actions == (Action.DESTROY, Action.RESPAWN)
     assert steps[5].actions == (Action.FORGET,)
 

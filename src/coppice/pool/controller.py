@@ -321,7 +321,15 @@ class PoolController:
         return self.perform(self.store.apply(entry_id, Event.RETURN), self.respawn)
 
     def pause_entry(self, entry_id: str) -> EntryRecord:
-        applied = self.store.apply(entry_id, Event.PAUSE)
+        """Suspend the sandbox with its memory; where the driver writes that to disk (a VM),
+        only if it fits the disk budget."""
+        entry = self.store.get(entry_id)
+        sub = self.substrate(entry.substrate)
+        kept = 0
+        if sub.persistence.memory_pause_survives_reboot:
+            kept = sub.footprint(entry.id, entry.handle, keep_memory=True)
+        budget = self.settings.snapshot_disk_mb * MB
+        applied = self.store.pause_kept(entry_id, Event.PAUSE, kept, budget)
         self.perform(applied)
         return applied.entry
 
@@ -330,7 +338,8 @@ class PoolController:
         entry = self.store.get(entry_id)
         sub = self.substrate(entry.substrate)
         kept = sub.footprint(entry.id, entry.handle, keep_memory=False)
-        applied = self.store.pause_files(entry_id, kept, self.settings.snapshot_disk_mb * MB)
+        budget = self.settings.snapshot_disk_mb * MB
+        applied = self.store.pause_kept(entry_id, Event.PAUSE_FILES, kept, budget)
         self.perform(applied)
         return applied.entry
 
@@ -353,6 +362,13 @@ class PoolController:
         applied = self.store.apply(entry_id, Event.RESUME)
         self.perform(applied)
         return self.store.get(entry_id)
+
+    def _wake(self, entry: EntryRecord) -> None:
+        sub = self.substrate(entry.substrate)
+        template = self.store.get_template(entry.template)
+        handle = sub.wake(self._spec(entry, template), entry.handle)
+        if handle != entry.handle:
+            self.store.set_handle(entry.id, handle)
 
     def _start_processes(self, entry: EntryRecord) -> None:
         """RESUMING: start the processes on the kept files and wait for them to answer; if
@@ -479,6 +495,10 @@ class PoolController:
                 sub.resume(entry.id, entry.handle)
             elif action is Action.PAUSE:
                 sub.pause(entry.id, entry.handle)
+            elif action is Action.SUSPEND:
+                self.store.set_handle(entry.id, sub.suspend(entry.id, entry.handle))
+            elif action is Action.WAKE:
+                self._wake(entry)
             elif action is Action.STOP_PROCESSES:
                 sub.stop_processes(entry.id, entry.handle)
             elif action is Action.START_PROCESSES:

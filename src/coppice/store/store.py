@@ -685,8 +685,8 @@ class Store:
         snapshots = conn.execute("SELECT id, size_bytes FROM snapshots").fetchall()
         paused = conn.execute(
             "SELECT s.id, s.kept_bytes FROM sandboxes s JOIN entries e ON e.id = s.id"
-            " WHERE e.state IN (?, ?)",
-            (State.PAUSED_FILES.value, State.RESUMING.value),
+            " WHERE e.state IN (?, ?, ?) AND s.kept_bytes > 0",
+            (State.PAUSED_FILES.value, State.RESUMING.value, State.PAUSED.value),
         ).fetchall()
         return [DiskHolder("snapshot", r[0], r[1]) for r in snapshots] + [
             DiskHolder("paused sandbox", r[0], r[1]) for r in paused
@@ -804,17 +804,19 @@ class Store:
             if cur.rowcount:
                 self._event(conn, "snapshot_deleted", None, None, snapshot_id)
 
-    def pause_files(self, entry_id: str, kept_bytes: int, budget_bytes: int) -> Applied:
-        """Pause a running sandbox keeping only its files, if they fit the disk budget: one
-        transaction for the check, the PAUSE_FILES and what it holds."""
+    def pause_kept(
+        self, entry_id: str, event: Event, kept_bytes: int, budget_bytes: int
+    ) -> Applied:
+        """Pause a running sandbox into what it keeps on disk (PAUSE_FILES: its files; PAUSE
+        on a driver that writes memory to disk: its memory too), if that fits the disk
+        budget: one transaction for the check, the pause and what it holds."""
+        what = "a files-only pause" if event is Event.PAUSE_FILES else "a pause"
         with self._write() as conn:
-            disk_budget.check(
-                self._disk_holders(conn),
-                kept_bytes,
-                budget_bytes,
-                f"a files-only pause of {entry_id}",
-            )
-            applied = self._apply(conn, entry_id, Event.PAUSE_FILES, f"{kept_bytes} bytes kept")
+            if kept_bytes > 0:  # a freeze keeps nothing on disk and is never refused
+                disk_budget.check(
+                    self._disk_holders(conn), kept_bytes, budget_bytes, f"{what} of {entry_id}"
+                )
+            applied = self._apply(conn, entry_id, event, f"{kept_bytes} bytes kept")
             conn.execute("UPDATE sandboxes SET kept_bytes = ? WHERE id = ?", (kept_bytes, entry_id))
             return applied
 

@@ -120,6 +120,16 @@ class Substrate(Protocol):
 
     def resume(self, entry_id: str, handle: Handle | None) -> None: ...
 
+    def suspend(self, entry_id: str, handle: Handle | None) -> Handle:
+        """A user's pause with memory and processes kept: a freeze where the driver cannot
+        keep memory across a reboot, its memory written to disk (and its processes ended)
+        where `persistence.memory_pause_survives_reboot`. Returns the handle it now has;
+        `is_alive` stays true of it while what it kept is there."""
+
+    def wake(self, spec: SpawnSpec, handle: Handle | None) -> Handle:
+        """Undo `suspend`; returns the handle it now has once the sandbox runs (from disk: once
+        it answers again)."""
+
     def is_alive(self, entry_id: str, handle: Handle | None) -> bool: ...
 
     def agent_address(self, handle: Handle) -> tuple[str, int]:

@@ -162,6 +162,18 @@ class FakeSubstrate:
         self._record("pause", entry_id)
         self._sandbox(entry_id).paused = True
 
+    def suspend(self, entry_id: str, handle: Handle | None) -> Handle:
+        self._record("suspend", entry_id)
+        self._sandbox(entry_id).paused = True
+        assert handle is not None
+        return handle
+
+    def wake(self, spec: SpawnSpec, handle: Handle | None) -> Handle:
+        self._record("wake", spec.entry_id)
+        self._sandbox(spec.entry_id).paused = False
+        assert handle is not None
+        return handle
+
     def resume(self, entry_id: str, handle: Handle | None) -> None:
         self._record("resume", entry_id)
         self._sandbox(entry_id).paused = False

@@ -493,6 +493,18 @@ class JailSubstrate:
     def pause(self, entry_id: str, handle: Handle | None) -> None:
         self.cgroups.freeze(entry_id)
 
+    def suspend(self, entry_id: str, handle: Handle | None) -> Handle:
+        # A freeze: CRIU cannot restore processes on this kernel, so a jail's memory is kept
+        # only while the host runs (persistence says so, and so does the pause's answer).
+        self.pause(entry_id, handle)
+        assert handle is not None
+        return handle
+
+    def wake(self, spec: SpawnSpec, handle: Handle | None) -> Handle:
+        self.resume(spec.entry_id, handle)
+        assert handle is not None
+        return handle
+
     def resume(self, entry_id: str, handle: Handle | None) -> None:
         # Every resume is of a sandbox someone uses: its full CPU share from here on.
         self.cgroups.set_serving(entry_id)

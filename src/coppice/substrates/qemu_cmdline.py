@@ -69,7 +69,9 @@ class MachineSpec:
     writable_format: Literal["raw", "qcow2"]
     tap: str
     mac: str
-    ram_file: Path
+    #: the golden's RAM file; None for RAM of the VM's own (a memfd), which a VM restored
+    #: from a saved state of its own or booted on a kept disk has
+    ram_file: Path | None
     #: True for the golden VM (writes the RAM file), False for clones (private mapping)
     share_ram: bool
     console_log: Path
@@ -119,8 +121,22 @@ def kernel_cmdline(guest: GuestIdentity, tsc_khz: int | None = None) -> str:
     )
 
 
-def qemu_argv(spec: MachineSpec, binary: str = "qemu-system-x86_64") -> list[str]:
+#: how QEMU names RAM of a VM's own in its mappings (for the usage read from smaps)
+OWN_RAM_MAPPING = "/memfd:mem0"
+
+
+def memory_backend(spec: MachineSpec) -> str:
+    """Guest RAM. Either way its RAM block is `mem0`, so a state saved from a clone of the
+    golden loads into a VM with RAM of its own: migration matches blocks by name and size."""
+    if spec.ram_file is None:
+        return f"memory-backend-memfd,id=mem0,size={spec.memory_mb}M"
     share = "on" if spec.share_ram else "off"
+    return (
+        f"memory-backend-file,id=mem0,size={spec.memory_mb}M,mem-path={spec.ram_file},share={share}"
+    )
+
+
+def qemu_argv(spec: MachineSpec, binary: str = "qemu-system-x86_64") -> list[str]:
     accel = spec.accel
     if spec.tb_size_mb is not None and spec.accel == "tcg":
         accel += f",tb-size={spec.tb_size_mb}"
@@ -153,7 +169,7 @@ def qemu_argv(spec: MachineSpec, binary: str = "qemu-system-x86_64") -> list[str
         "-smp",
         "1",
         "-object",
-        f"memory-backend-file,id=mem0,size={spec.memory_mb}M,mem-path={spec.ram_file},share={share}",
+        memory_backend(spec),
         "-machine",
         "memory-backend=mem0",
         *boot,

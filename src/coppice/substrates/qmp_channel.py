@@ -63,6 +63,19 @@ class QmpChannel:
             self._client.events.clear()
             return result
 
+    def pass_file(self, name: str, fd: int) -> None:
+        """Hand QEMU an open file under `name` (`fd:<name>` in a migration URI): QEMU then
+        reads or writes the file itself, with no `cat` process and pipe in between, which
+        took three times as long for a guest's memory. The caller keeps (and closes) `fd`."""
+        with self._lock:
+            if self._closed:
+                raise SubstrateError(f"QMP channel {self.socket_path} is closed")
+            try:
+                self._client.send_fd_scm(fd)
+            except (QMPError, OSError) as exc:
+                raise SubstrateError(f"cannot pass a file to QEMU: {exc!r}") from exc
+        self.execute("getfd", {"fdname": name})
+
     @property
     def is_open(self) -> bool:
         return not self._closed and self._client.runstate.name == "RUNNING"

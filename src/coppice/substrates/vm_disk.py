@@ -30,6 +30,7 @@ import subprocess
 from pathlib import Path
 
 from coppice.errors import HostResourceExhausted, SubstrateError
+from coppice.host.sparse_files import copy_sparse
 
 MIB = 2**20
 #: label of the writable filesystem, so a look with blkid says what the disk is
@@ -42,6 +43,8 @@ L2_ENTRY = 16
 #: qcow2's default 16-bit refcounts
 REFCOUNT_BYTES = 2
 SUFFIX = ".qcow2"
+#: an entry's own copy of the disk under its overlay (see WritableDisks.own_base)
+BASE_SUFFIX = ".base.raw"
 
 
 def qcow2_metadata_bound(virtual_bytes: int) -> int:
@@ -114,6 +117,45 @@ def seed_argv(backing: Path, seed: Path, size_bytes: int) -> list[str]:
     ]
 
 
+def rebase_argv(overlay: Path, backing: Path) -> list[str]:
+    """Point the overlay at another copy of the same backing: `-u` only rewrites the name in
+    its header (nothing is compared or copied)."""
+    return [
+        "qemu-img",
+        "rebase",
+        "-q",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        str(backing),
+        str(overlay),
+    ]
+
+
+def copy_disk(overlay: Path, backing: Path, overlay_to: Path, backing_to: Path) -> int:
+    """Copy an overlay and the raw disk under it (both sparse) so the copy depends on
+    neither, the copied overlay reading through to the copied backing. Returns the bytes the
+    copies hold. The overlay must not be written meanwhile (its VM stopped and its block
+    layer flushed, as a migration leaves it)."""
+    try:
+        copy_sparse(backing, backing_to)
+        copy_sparse(overlay, overlay_to)
+    except OSError as exc:
+        backing_to.unlink(missing_ok=True)
+        overlay_to.unlink(missing_ok=True)
+        raise _host_error(exc, overlay_to) from exc
+    try:
+        _run(rebase_argv(overlay_to, backing_to), overlay_to)
+    except BaseException:
+        backing_to.unlink(missing_ok=True)
+        overlay_to.unlink(missing_ok=True)
+        raise
+    return allocated_bytes(backing_to) + allocated_bytes(overlay_to)
+
+
 def make_golden_disk(path: Path, size_bytes: int) -> None:
     """A fresh sparse file holding an empty ext4 filesystem (the golden boot mounts it)."""
     path.unlink(missing_ok=True)
@@ -153,13 +195,52 @@ class WritableDisks:
             raise _host_error(exc, disk) from exc
         return disk
 
+    def own_base(self, entry_id: str) -> Path:
+        """The entry's own copy of the disk its overlay reads through to, for a disk that
+        must outlive the golden's (a paused sandbox's: a host reboot rebuilds the golden,
+        and its new disk is not the one the overlay was written on) or that came from a
+        snapshot."""
+        return self.root / f"{entry_id}{BASE_SUFFIX}"
+
+    def create_from(self, entry_id: str, overlay: Path, backing: Path) -> tuple[Path, Path]:
+        """The entry's disk as a copy of a snapshot's; returns (its overlay, its base)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        disk, base = self.path(entry_id), self.own_base(entry_id)
+        copy_disk(overlay, backing, disk, base)
+        return disk, base
+
+    def make_own(self, entry_id: str, backing: Path) -> Path:
+        """Give the entry's overlay a backing of its own (a copy of `backing`, the golden's
+        disk), unless it has one already; returns the backing it now has."""
+        base = self.own_base(entry_id)
+        if Path(backing) == base:
+            return base
+        tmp = base.with_name(base.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            copy_sparse(backing, tmp)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _host_error(exc, base) from exc
+        tmp.replace(base)
+        _run(rebase_argv(self.path(entry_id), base), base)
+        return base
+
     def remove(self, entry_id: str) -> None:
         self.path(entry_id).unlink(missing_ok=True)
+        self.own_base(entry_id).unlink(missing_ok=True)
+        self.own_base(entry_id).with_name(self.own_base(entry_id).name + ".tmp").unlink(
+            missing_ok=True
+        )
 
     def entry_ids(self) -> set[str]:
         if not self.root.is_dir():
             return set()
-        return {p.name.removesuffix(SUFFIX) for p in self.root.iterdir() if p.suffix == SUFFIX}
+        return {
+            p.name.split(".", 1)[0]
+            for p in self.root.iterdir()
+            if p.name.endswith((SUFFIX, BASE_SUFFIX, BASE_SUFFIX + ".tmp"))
+        }
 
     def remove_root_if_empty(self) -> None:
         if self.root.is_dir() and not any(self.root.iterdir()):

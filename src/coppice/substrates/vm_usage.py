@@ -22,11 +22,13 @@ from coppice.substrates.vm_disk import allocated_bytes
 DELETED = " (deleted)"
 
 
-def mapping_rss(smaps: str, path: str) -> int:
-    """Resident bytes of every mapping of `path` in a /proc/<pid>/smaps text (a mapping of
-    a file unlinked since still counts)."""
+def mapping_rss(smaps: str, path: str, field: str = "Rss") -> int:
+    """Resident bytes (or another of smaps' per-mapping sizes, such as Anonymous) of every
+    mapping of `path` in a /proc/<pid>/smaps text (a mapping of a file unlinked since still
+    counts)."""
     total = 0
     inside = False
+    key = f"{field}:"
     for line in smaps.splitlines():
         first = line.split(maxsplit=1)[0] if line else ""
         if "-" in first and not first.endswith(":"):
@@ -34,9 +36,19 @@ def mapping_rss(smaps: str, path: str) -> int:
             fields = line.split(maxsplit=5)
             name = fields[5] if len(fields) == 6 else ""
             inside = name.removesuffix(DELETED) == path
-        elif inside and first == "Rss:":
+        elif inside and first == key:
             total += int(line.split()[1]) * 1024
     return total
+
+
+def saved_memory_bound(smaps: str, ram_file: Path) -> int:
+    """At most what a saved state of the guest's memory holds: a clone's RAM is the
+    golden's file (its data, not its holes) plus the pages the clone wrote (its private,
+    anonymous copies); RAM of a VM's own is what it has resident. Resident pages of the
+    golden's file are no measure: a migration reads every page, holes included."""
+    if ram_file.is_file():
+        return allocated_bytes(ram_file) + mapping_rss(smaps, str(ram_file), "Anonymous")
+    return mapping_rss(smaps, str(ram_file))
 
 
 def read_usage(
