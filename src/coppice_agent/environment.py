@@ -45,6 +45,12 @@ class SandboxEnvironment:
         the template's env vars, the sandbox's, then the request's own, each over the last."""
         return {**user.base_env(), **self.template_envs, **self.env_vars, **(requested or {})}
 
+    def forget_sandbox(self) -> None:
+        """This VM now runs as another sandbox (a fork, or one started from a snapshot, goes
+        on in its source's memory): the source's access token must neither gate the new
+        sandbox's /init nor let the source's callers in. /init sets the new one's."""
+        self.access_token = None
+
     def token_ok(self, presented: str | None) -> bool:
         if self.access_token is None:
             return True

@@ -24,6 +24,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,14 @@ def find_port(ports: Path = VIRTIO_PORTS, dev: Path = Path("/dev")) -> Path | No
 
 
 class IdentityApplier:
-    """Applies an identity to the running guest. `root` is / in a VM, a scratch dir in tests."""
+    """Applies an identity to the running guest. `root` is / in a VM, a scratch dir in tests.
+    `on_applied` runs after each identity, before the host hears it was applied."""
 
-    def __init__(self, root: Path = Path("/")) -> None:
+    def __init__(
+        self, root: Path = Path("/"), on_applied: Callable[[], None] | None = None
+    ) -> None:
         self.root = root
+        self.on_applied = on_applied
 
     def apply(self, identity: Identity) -> None:
         # Clock first: the snapshot's clock is stale, and everything after wants the real time.
@@ -137,6 +142,8 @@ class IdentityApplier:
             COPPICE_HOSTNAME=identity.hostname,
         )
         self._ssh_host_key(identity.ssh_host_key)
+        if self.on_applied is not None:
+            self.on_applied()
 
     def _reseed(self, seed: bytes) -> None:
         with open(self.root / "dev/urandom", "wb", buffering=0) as rnd:
@@ -254,18 +261,20 @@ def serve_port(path: Path, applier: IdentityApplier) -> None:
                 os.write(fd, reply)
 
 
-def start() -> threading.Thread | None:
+def start(on_applied: Callable[[], None] | None = None) -> threading.Thread | None:
     """Start the identity thread when this is a VM with the identity port; else do nothing."""
     path = find_port()
     if path is None:
         return None
-    thread = threading.Thread(target=_run, args=(path,), name="coppice-identity", daemon=True)
+    thread = threading.Thread(
+        target=_run, args=(path, on_applied), name="coppice-identity", daemon=True
+    )
     thread.start()
     return thread
 
 
-def _run(path: Path) -> None:
+def _run(path: Path, on_applied: Callable[[], None] | None) -> None:
     try:
-        serve_port(path, IdentityApplier())
+        serve_port(path, IdentityApplier(on_applied=on_applied))
     except OSError:
         log.exception("the identity port %s failed", path)

@@ -259,5 +259,5 @@ def main() -> None:
     # A VM clone's own address, clock and keys arrive over virtio-serial (no-op in a jail).
     # Not one of the agent's services: a daemon thread blocked in read(), with nothing to
     # stop, that ends with the process.
-    identity.start()
+    identity.start(on_applied=env.forget_sandbox)
     run(Agent(env, template=template, sudo_socket=DEFAULT_SOCKET))

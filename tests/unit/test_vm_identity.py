@@ -85,3 +85,19 @@ def test_find_port_by_name(tmp_path: Path) -> None:
         (ports / name / "name").write_text(port + "\n")
     assert find_port(ports, Path("/dev")) == Path("/dev/vport1p1")
     assert find_port(tmp_path / "absent") is None
+
+
+def test_a_new_identity_drops_the_source_sandbox_s_access_token() -> None:
+    """A fork goes on in its source's memory, where the source's token is set: the host's
+    /init for the fork must not need it, and the source's callers must not get in."""
+    import asyncio
+
+    from coppice_agent.environment import SandboxEnvironment
+
+    env = SandboxEnvironment()
+    asyncio.run(env.init(access_token="source-token"))
+    assert not env.token_ok(None)
+    env.forget_sandbox()
+    assert env.token_ok(None)
+    asyncio.run(env.init(access_token="fork-token"))
+    assert env.token_ok("fork-token") and not env.token_ok("source-token")

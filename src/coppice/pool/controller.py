@@ -46,6 +46,7 @@ from coppice.store.store import HANDED_OUT, Applied, Buried, Store
 from coppice.substrates import registry
 from coppice.substrates.base import SpawnSpec, Substrate
 from coppice.substrates.post_mortem import PostMortem
+from coppice.substrates.snapshots_not_yet import files_only_pause_refused
 
 log = logging.getLogger("coppice.pool")
 
@@ -337,6 +338,9 @@ class PoolController:
         """Stop the sandbox's processes and keep its files, if they fit the disk budget."""
         entry = self.store.get(entry_id)
         sub = self.substrate(entry.substrate)
+        if not sub.persistence.files_only_pause:
+            # Refused before the store moves: the sandbox keeps running as it was.
+            raise files_only_pause_refused(sub.name)
         kept = sub.footprint(entry.id, entry.handle, keep_memory=False)
         budget = self.settings.snapshot_disk_mb * MB
         applied = self.store.pause_kept(entry_id, Event.PAUSE_FILES, kept, budget)
@@ -366,6 +370,7 @@ class PoolController:
     def _wake(self, entry: EntryRecord) -> None:
         sub = self.substrate(entry.substrate)
         template = self.store.get_template(entry.template)
+        self._ensure_host(sub)  # after a reboot, a VM woken from disk needs its bridge again
         handle = sub.wake(self._spec(entry, template), entry.handle)
         if handle != entry.handle:
             self.store.set_handle(entry.id, handle)

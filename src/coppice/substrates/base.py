@@ -67,6 +67,9 @@ class Persistence:
     #: a pause that keeps memory (`pause`) is on disk and outlives a host reboot, rather than
     #: a freeze of processes that the reboot ends
     memory_pause_survives_reboot: bool
+    #: the driver can stop the processes and keep the files (`stop_processes`); where not,
+    #: such a pause is refused before anything changes
+    files_only_pause: bool = True
 
 
 class EgressControl(Protocol):

@@ -11,6 +11,15 @@ from coppice.errors import NotSupportedOnSubstrate
 from coppice.substrates.base import Handle, SnapshotArtifact, SpawnSpec
 
 
+def files_only_pause_refused(substrate: str) -> NotSupportedOnSubstrate:
+    """For a driver whose persistence says it has no files-only pause."""
+    return NotSupportedOnSubstrate(
+        "a files-only pause (keep_memory=False)",
+        substrate,
+        "pause with memory, which this substrate keeps on disk",
+    )
+
+
 class SnapshotsNotYet:
     name: str
 

@@ -70,6 +70,7 @@ from coppice.substrates.qemu_cmdline import (
     qemu_argv,
 )
 from coppice.substrates.qmp_channel import QmpChannel
+from coppice.substrates.snapshots_not_yet import files_only_pause_refused
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 from coppice.substrates.vm_disk import (
     WritableDisks,
@@ -103,7 +104,9 @@ class VmSubstrate:
     name = "vm"
     #: a VM's memory and devices go to a file (as the golden snapshot's do), which a host
     #: reboot leaves on disk
-    persistence = Persistence(memory_in_snapshots=True, memory_pause_survives_reboot=True)
+    persistence = Persistence(
+        memory_in_snapshots=True, memory_pause_survives_reboot=True, files_only_pause=False
+    )
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -464,9 +467,7 @@ class VmSubstrate:
         return VmImage.of(spec.template)
 
     def stop_processes(self, entry_id: str, handle: Handle | None) -> None:
-        raise NotSupportedOnSubstrate(
-            "a files-only pause (keep_memory=False)", self.name, "pause with memory works"
-        )
+        raise files_only_pause_refused(self.name)
 
     def start_processes(self, spec: SpawnSpec, handle: Handle | None) -> Handle:
         raise NotSupportedOnSubstrate("resuming a files-only pause", self.name)
@@ -536,6 +537,7 @@ class VmSubstrate:
             "disk_backing": str(backing),
             "suspended": str(target),
             "suspended_bytes": saved.size_bytes,
+            "suspended_data_pages": saved.data_pages,
         }
         return Handle(head=None, detail=handle.detail, driver=kept)
 
@@ -548,6 +550,7 @@ class VmSubstrate:
         own = dict(handle.driver)
         state = Path(str(own.pop("suspended")))
         own.pop("suspended_bytes", None)
+        own.pop("suspended_data_pages", None)
         if not state.is_file():
             raise SandboxDied(spec.entry_id, "its saved memory is gone")
         image = self._image_of(spec, str(own.get("image", "")))
