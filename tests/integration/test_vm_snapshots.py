@@ -196,4 +196,5 @@ def test_a_paused_vm_survives_a_gateway_restart_and_a_host_reboot(
         assert again.run_code("answer").text == "42"
         assert again.commands.run(STILL_RUNNING).stdout == "running\n"
     finally:
-        sbx.kill()
+        # By id: `sbx` still points at the first gateway's port.
+        Sandbox.kill(sbx.sandbox_id)
