@@ -181,17 +181,24 @@ class GoldenSnapshots:
 
     def remove(self, template_name: str) -> None:
         """Delete every golden snapshot of a template (all its versions)."""
-        pattern = re.compile(rf"^{re.escape(template_name)}-[0-9a-f]{{12}}$")
         with self._locked():
-            if self.root.is_dir():
-                for d in self.root.iterdir():
-                    if pattern.match(d.name):
-                        self.ram_file(d.name).unlink(missing_ok=True)
-                        shutil.rmtree(d, ignore_errors=True)
-            prefix = f"{self.settings.namespace}-vm-"
-            for f in SHM_DIR.glob(f"{prefix}*.ram"):
-                if pattern.match(f.name[len(prefix) : -len(".ram")]):
-                    f.unlink(missing_ok=True)
+            self._remove_versions(template_name, keep=None)
+
+    def _remove_versions(self, template_name: str, keep: str | None) -> None:
+        """Every version of the template's golden but `keep`. Clones of a removed version
+        run on: each has its RAM file mapped and its disk's backing open; snapshots and
+        suspended VMs hold copies of their own."""
+        pattern = re.compile(rf"^{re.escape(template_name)}-[0-9a-f]{{12}}$")
+        if self.root.is_dir():
+            for d in self.root.iterdir():
+                if pattern.match(d.name) and d.name != keep:
+                    self.ram_file(d.name).unlink(missing_ok=True)
+                    shutil.rmtree(d, ignore_errors=True)
+        prefix = f"{self.settings.namespace}-vm-"
+        for f in SHM_DIR.glob(f"{prefix}*.ram"):
+            key = f.name[len(prefix) : -len(".ram")]
+            if pattern.match(key) and key != keep:
+                f.unlink(missing_ok=True)
 
     def keys(self) -> set[str]:
         return {d.name for d in self.root.iterdir() if d.is_dir()} if self.root.is_dir() else set()
@@ -249,6 +256,9 @@ class GoldenSnapshots:
                 shutil.rmtree(final)
             work.rename(final)
             ok = True
+            # A rebuilt template's older goldens would otherwise hold their RAM in /dev/shm
+            # (memory_mb each) until the template is removed.
+            self._remove_versions(template.name, keep=key)
             return meta
         finally:
             shutil.rmtree(run, ignore_errors=True)
