@@ -77,9 +77,13 @@ class VmImage:
     disk: Path
 
     @classmethod
+    def at(cls, root: Path) -> VmImage:
+        return cls(root / KERNEL, root / INITRD, root / DISK)
+
+    @classmethod
     def of(cls, template: TemplateRecord) -> VmImage:
         root = Path(template.rootfs)
-        image = cls(root / KERNEL, root / INITRD, root / DISK)
+        image = cls.at(root)
         missing = [p.name for p in (image.kernel, image.initrd, image.disk) if not p.is_file()]
         if missing:
             raise SubstrateError(

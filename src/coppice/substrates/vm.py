@@ -161,7 +161,7 @@ class VmSubstrate:
         self.egress.remove()
         self.taps.bridge.remove()
         self.disks.remove_root_if_empty()
-        suspended = self.saved_state("x").parent
+        suspended = self.suspended_dir
         if suspended.is_dir() and not any(suspended.iterdir()):
             suspended.rmdir()
         for d in (self.vm_dir, self.settings.run_dir):
@@ -214,10 +214,8 @@ class VmSubstrate:
         memory_mb: int,
         disk: Path,
         ram_file: Path | None,
-        incoming: bool = True,
     ) -> tuple[MachineSpec, subprocess.Popen[bytes]]:
-        """Start the entry's QEMU on its disk and tap, waiting for a state to load (or, not
-        `incoming`, booting the template's kernel)."""
+        """Start the entry's QEMU on its disk and tap, waiting for a state to load."""
         entry_dir = self.entry_dir(spec.entry_id)
         tap = entry_tap_name(spec.entry_id)
         self.taps.create(tap)
@@ -244,7 +242,7 @@ class VmSubstrate:
                 spec.limits.disk_mb,
                 spec.entry_id,
             ),
-            incoming=incoming,
+            incoming=True,
             tb_size_mb=TB_SIZE_MB,
         )
         proc = qemu_process.launch(qemu_argv(machine), entry_dir / "qemu.log")
@@ -455,8 +453,7 @@ class VmSubstrate:
         """The template image the saved state was running on: its page cache and mounts
         describe that image, not a rebuilt one."""
         if recorded and recorded != spec.template.rootfs:
-            root = Path(recorded)
-            image = VmImage(root / "vmlinux", root / "initrd.img", root / "rootfs.ext4")
+            image = VmImage.at(Path(recorded))
             if image.disk.is_file():
                 return image
             raise SubstrateError(
@@ -506,10 +503,13 @@ class VmSubstrate:
     def pause(self, entry_id: str, handle: Handle | None) -> None:
         self._execute(entry_id, "stop")
 
+    @property
+    def suspended_dir(self) -> Path:
+        """Suspended entries' memory and devices: on the host's disk, so a reboot leaves them."""
+        return self.settings.state_dir / "vm-suspended"
+
     def saved_state(self, entry_id: str) -> Path:
-        """Where a suspended entry's memory and devices are: on the host's disk, so that a
-        reboot leaves them."""
-        return self.settings.state_dir / "vm-suspended" / f"{entry_id}.state"
+        return self.suspended_dir / f"{entry_id}.state"
 
     def suspend(self, entry_id: str, handle: Handle | None) -> Handle:
         """Memory and devices to disk, the disk made independent of the golden's (a reboot
@@ -639,9 +639,6 @@ class VmSubstrate:
                 functools.partial(qemu_process.kill_and_wait, ident, mine),
             )
 
-    def _suspended_ids(self) -> set[str]:
-        return _state_ids(self.saved_state("x").parent)
-
     def host_objects(self) -> HostObjects:
         dirs = {p.name for p in self.vm_dir.iterdir()} if self.vm_dir.is_dir() else set()
         processes = {name for _, name in qemu_process.processes_under(self.vm_dir).values()}
@@ -652,7 +649,7 @@ class VmSubstrate:
                 "directories": dirs,
                 "qmp_sockets": {d for d in dirs if (self.entry_dir(d) / "qmp.sock").exists()},
                 "disks": self.disks.entry_ids(),
-                "saved_states": self._suspended_ids(),
+                "saved_states": _state_ids(self.suspended_dir),
             }
         )
 
