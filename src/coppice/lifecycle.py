@@ -68,6 +68,9 @@ class Action(enum.StrEnum):
     WAKE = "wake"  # undo SUSPEND
     STOP_PROCESSES = "stop_processes"  # end its processes, keep its files
     START_PROCESSES = "start_processes"  # start its processes again on its kept files
+    #: release what a capture holds on its source (frozen processes and filesystem, a
+    #: stopped VM), also when the process taking it died half-way
+    END_CAPTURE = "end_capture"
 
 
 #: states of an entry that some caller holds as its sandbox
@@ -109,7 +112,7 @@ _TABLE: dict[tuple[State, Event], Transition] = {
     (State.IN_USE, Event.SNAPSHOT): Transition(State.SNAPSHOTTING),
     # A thaw whatever happened: a driver (or a crash of the process taking the snapshot) must
     # never leave the source frozen; thawing a running sandbox changes nothing.
-    (State.SNAPSHOTTING, Event.SNAPSHOT_DONE): Transition(State.IN_USE, (Action.RESUME,)),
+    (State.SNAPSHOTTING, Event.SNAPSHOT_DONE): Transition(State.IN_USE, (Action.END_CAPTURE,)),
     (State.RETURNING, Event.DESTROYED): Transition(State.GONE, (Action.FORGET,)),
     (State.FAILED, Event.DESTROYED): Transition(State.GONE, (Action.FORGET,)),
 }

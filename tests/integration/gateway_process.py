@@ -127,3 +127,35 @@ def serving(
     finally:
         for name in pools:
             drain(name)
+
+
+class RestartableGateway:
+    """A gateway a test may stop, kill and start again on the same state, keeping `pools`
+    (template: entries) warm; the SDK follows it to each new port."""
+
+    def __init__(self, env: dict[str, str], log: Path, pools: dict[str, int]) -> None:
+        self.env, self.log = env, log
+        self.targets = ",".join(f"{name}={count}" for name, count in pools.items())
+        self.current = self._start()
+
+    def _start(self) -> GatewayProcess:
+        gw = GatewayProcess(self.env, self.log, COPPICE_POOL_TARGETS=self.targets)
+        gw.start(timeout_s=600)
+        point_sdk_at(gw)
+        return gw
+
+    def stop(self) -> None:
+        self.current.stop()
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or an OOM kill does to the service, nothing cleaned up."""
+        assert self.current.proc is not None
+        self.current.proc.kill()
+        self.current.proc.wait()
+
+    def restart(self) -> None:
+        self.current.stop()
+        self.current = self._start()
+
+    def start(self) -> None:
+        self.current = self._start()

@@ -21,7 +21,7 @@ from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
 from coppice.substrates.vm import VmSubstrate
 
-from .gateway_process import GatewayProcess, point_sdk_at, wait_for
+from .gateway_process import RestartableGateway, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,40 +35,18 @@ BACKGROUND = "setsid sleep 100000 </dev/null >/dev/null 2>&1 &"
 STILL_RUNNING = "pgrep -x sleep >/dev/null && echo running || echo gone"
 
 
-class Gateways:
-    """The module's gateway, which a test may stop and start again on the same state."""
-
-    def __init__(self, env: dict[str, str], log: Path, template: str) -> None:
-        self.env, self.log, self.template = env, log, template
-        self.current = self._start()
-
-    def _start(self) -> GatewayProcess:
-        gw = GatewayProcess(self.env, self.log, COPPICE_POOL_TARGETS=f"{self.template}=1")
-        gw.start(timeout_s=600)
-        point_sdk_at(gw)
-        return gw
-
-    def stop(self) -> None:
-        self.current.stop()
-
-    def restart(self) -> None:
-        self.current.stop()
-        self.current = self._start()
-
-    def start(self) -> None:
-        self.current = self._start()
-
-
 @pytest.fixture(scope="module")
 def gateways(
     cli_env: dict[str, str],
     vm_template: TemplateRecord,
     controller: PoolController,
     instance_dir: Path,
-) -> Iterator[Gateways]:
+) -> Iterator[RestartableGateway]:
     controller.drain(vm_template.name)
     saved = dict(os.environ)
-    gws = Gateways(cli_env, instance_dir / "gateway-vm-snapshots.log", vm_template.name)
+    gws = RestartableGateway(
+        cli_env, instance_dir / "gateway-vm-snapshots.log", {vm_template.name: 1}
+    )
     try:
         yield gws
     finally:
@@ -84,7 +62,7 @@ def _identity(sbx: Sandbox) -> tuple[str, str]:
 
 
 def test_a_vm_snapshot_keeps_memory_and_files(
-    gateways: Gateways, vm_template: TemplateRecord
+    gateways: RestartableGateway, vm_template: TemplateRecord
 ) -> None:
     source = CodeSandbox.create(template=vm_template.name)
     made: CodeSandbox | None = None
@@ -110,7 +88,7 @@ def test_a_vm_snapshot_keeps_memory_and_files(
 
 @pytest.mark.parametrize("count", [1, 5])
 def test_vm_forks_have_the_source_s_memory_and_their_own_identity(
-    gateways: Gateways, vm_template: TemplateRecord, count: int
+    gateways: RestartableGateway, vm_template: TemplateRecord, count: int
 ) -> None:
     source = Sandbox.create(template=vm_template.name)
     forks: list[Sandbox] = []
@@ -134,7 +112,7 @@ def test_vm_forks_have_the_source_s_memory_and_their_own_identity(
 
 
 def test_a_files_only_pause_of_a_vm_is_refused_by_name(
-    gateways: Gateways, vm_template: TemplateRecord
+    gateways: RestartableGateway, vm_template: TemplateRecord
 ) -> None:
     sbx = Sandbox.create(template=vm_template.name)
     try:
@@ -171,7 +149,7 @@ def _simulate_reboot(controller: PoolController, keep: str) -> None:
 
 
 def test_a_paused_vm_survives_a_gateway_restart_and_a_host_reboot(
-    gateways: Gateways, vm_template: TemplateRecord, controller: PoolController
+    gateways: RestartableGateway, vm_template: TemplateRecord, controller: PoolController
 ) -> None:
     sbx = CodeSandbox.create(template=vm_template.name)
     try:

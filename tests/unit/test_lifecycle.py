@@ -252,7 +252,7 @@ def test_a_capture_holds_the_source_and_always_thaws_it() -> None:
     steps = run(State.IN_USE, [Event.SNAPSHOT, Event.SNAPSHOT_DONE, Event.SNAPSHOT])
     assert steps == [
         Transition(State.SNAPSHOTTING, ()),
-        Transition(State.IN_USE, (Action.RESUME,)),
+        Transition(State.IN_USE, (Action.END_CAPTURE,)),
         Transition(State.SNAPSHOTTING, ()),
     ]
 
@@ -328,7 +328,7 @@ class LifecycleModel(RuleBasedStateMachine):
             if step.state not in HANDED_OUT_STATES:
                 assert step.state is State.RETURNING and Action.DESTROY in step.actions
         if before is State.SNAPSHOTTING and step.state is State.IN_USE:
-            assert Action.RESUME in step.actions  # never left frozen by a capture
+            assert Action.END_CAPTURE in step.actions  # never left frozen by a capture
         self.state = step.state
 
     @invariant()

@@ -62,7 +62,7 @@ def test_a_snapshot_keeps_files_and_memory_and_the_source_runs_on(pool: FakePool
     assert snap.size_bytes == sum(f.stat().st_size for f in Path(snap.path).iterdir())
     assert pool.store.get(source.id).state is State.IN_USE
     # thawed after the capture, whatever the driver did
-    assert pool.fake.calls_for(source.id)[-2:] == ["snapshot", "resume"]
+    assert pool.fake.calls_for(source.id)[-2:] == ["snapshot", "end_capture"]
 
     started = snapshots(pool).start_from(snap, sandbox_record())
     copy = pool.fake.sandboxes[started.id]

@@ -4,6 +4,7 @@ and new writes held, so a copy of the device underneath is a clean filesystem.""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -26,3 +27,19 @@ def frozen(mount_point: Path) -> Iterator[None]:
             fcntl.ioctl(fd, FITHAW, 0)
     finally:
         os.close(fd)
+
+
+def thaw(mount_point: Path) -> bool:
+    """Thaw the filesystem at `mount_point` if a freeze is on it (one whose holder died: a
+    freeze outlives the process that took it, and an unmount, which leaves the superblock
+    frozen and its loop device held). Returns whether it was frozen. Raises OSError."""
+    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # not frozen
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True

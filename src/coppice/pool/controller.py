@@ -500,6 +500,8 @@ class PoolController:
                 sub.resume(entry.id, entry.handle)
             elif action is Action.PAUSE:
                 sub.pause(entry.id, entry.handle)
+            elif action is Action.END_CAPTURE:
+                sub.end_capture(entry.id, entry.handle)
             elif action is Action.SUSPEND:
                 self.store.set_handle(entry.id, sub.suspend(entry.id, entry.handle))
             elif action is Action.WAKE:

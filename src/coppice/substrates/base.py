@@ -202,6 +202,12 @@ class Substrate(Protocol):
         """The sandbox's kept files are on disk (whether or not its processes run): what
         reconcile asks of a paused sandbox whose processes are gone before it keeps it."""
 
+    def end_capture(self, entry_id: str, handle: Handle | None) -> None:
+        """Release whatever `snapshot` holds on the sandbox while it captures (its processes
+        or filesystem frozen, its VM stopped) and let it run: after every capture, and by
+        reconcile after a crash in the middle of one, when those holds are still on. Safe
+        on a sandbox that holds none."""
+
     def delete_snapshot(self, directory: Path) -> None:
         """Remove what a snapshot holds on disk; safe on half-made and already-gone ones
         (reconcile removes what a crash in the middle of `snapshot` left)."""

@@ -270,6 +270,10 @@ class FakeSubstrate:
             found = self.sandboxes.get(entry_id)
         return found is not None and found.files_on_disk
 
+    def end_capture(self, entry_id: str, handle: Handle | None) -> None:
+        self._record("end_capture", entry_id)
+        self._sandbox(entry_id).paused = False
+
     def delete_snapshot(self, directory: Path) -> None:
         self._record("delete_snapshot", directory.name)
         shutil.rmtree(directory, ignore_errors=True)

@@ -524,6 +524,8 @@ class JailSubstrate:
 
     def _teardown(self, entry_id: str, keep_disk: bool) -> None:
         teardown = Teardown(entry_id)
+        # First: a writer held by a freeze cannot even be killed.
+        teardown.attempt("thaw disk", lambda: self._thaw_disk(entry_id))
         teardown.attempt("kill", lambda: self.cgroups.kill_all(entry_id))
         child = self._children.pop(entry_id)
         if child is not None:
@@ -595,6 +597,20 @@ class JailSubstrate:
 
     def has_files(self, entry_id: str, handle: Handle | None) -> bool:
         return self.disks.image(entry_id).exists()
+
+    def end_capture(self, entry_id: str, handle: Handle | None) -> None:
+        self._thaw_disk(entry_id)
+        self.resume(entry_id, handle)
+
+    def _thaw_disk(self, entry_id: str) -> None:
+        """Undo a disk freeze that a process killed during `snapshot` left on: its writers
+        would wait for ever, and an unmount would leave its superblock (and loop device) held."""
+        entry_dir = self.entry_dir(entry_id)
+        if os.path.ismount(entry_dir):
+            try:
+                fs_freeze.thaw(entry_dir)
+            except OSError as exc:
+                raise SubstrateError(f"cannot thaw the disk of {entry_id}: {exc}") from exc
 
     def delete_snapshot(self, directory: Path) -> None:
         rmtree_if_exists(directory)

@@ -472,6 +472,10 @@ class VmSubstrate:
     def has_files(self, entry_id: str, handle: Handle | None) -> bool:
         return self.disks.path(entry_id).exists()
 
+    def end_capture(self, entry_id: str, handle: Handle | None) -> None:
+        # A capture stops the guest; a gateway that died during one left it stopped.
+        self.resume(entry_id, handle)
+
     def delete_snapshot(self, directory: Path) -> None:
         rmtree_if_exists(directory)
 
