@@ -87,7 +87,7 @@ REQUIRED_TOOLS = {
 }
 #: how long a restored clone may take to apply its identity (TCG guests are slow)
 IDENTITY_TIMEOUT_S = 30.0
-#: how long wait_ready lets a ready guest finish its background work before it is paused
+#: how long a ready guest may finish its background work before it is paused into the pool
 SETTLE_TIMEOUT_S = 5.0
 #: TCG translation cache per clone (QEMU flushes it whole when full). A warm clone has
 #: translated ~40 MB by the time it is paused, most of its private memory; at 32 MB the
@@ -334,8 +334,6 @@ class VmSubstrate:
             is_alive=lambda: self.is_alive(spec.entry_id, handle),
             diagnostics=lambda: self.console_tail(spec.entry_id),
         )
-        if handle.head is not None:
-            qemu_process.wait_until_idle(handle.head.pid, timeout_s=SETTLE_TIMEOUT_S)
 
     def usage(self, entry_id: str, handle: Handle | None) -> ResourceUsage | None:
         """Read from the host side, without asking the guest: see vm_usage for what each
@@ -505,6 +503,11 @@ class VmSubstrate:
         return "; ".join(parts) or "no console output"
 
     def pause(self, entry_id: str, handle: Handle | None) -> None:
+        # Only a warm entry going into the pool is paused: it settles first, so that the
+        # first request after its checkout does not wait behind its start-up's last work.
+        # A sandbox handed straight out (a cold start, a fork) never waits for this.
+        if handle is not None and handle.head is not None:
+            qemu_process.wait_until_idle(handle.head.pid, timeout_s=SETTLE_TIMEOUT_S)
         self._execute(entry_id, "stop")
 
     @property
