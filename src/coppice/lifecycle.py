@@ -68,8 +68,8 @@ class Action(enum.StrEnum):
     WAKE = "wake"  # undo SUSPEND
     STOP_PROCESSES = "stop_processes"  # end its processes, keep its files
     START_PROCESSES = "start_processes"  # start its processes again on its kept files
-    #: release what a capture holds on its source (frozen processes and filesystem, a
-    #: stopped VM), also when the process taking it died half-way
+    #: release what a capture holds on its source (its frozen processes, a stopped VM),
+    #: also when the process taking it died half-way
     END_CAPTURE = "end_capture"
 
 

@@ -210,7 +210,7 @@ class Substrate(Protocol):
 
     def end_capture(self, entry_id: str, handle: Handle | None) -> None:
         """Release whatever `snapshot` holds on the sandbox while it captures (its processes
-        or filesystem frozen, its VM stopped) and let it run: after every capture, and by
+        frozen, its VM stopped) and let it run: after every capture, and by
         reconcile after a crash in the middle of one, when those holds are still on. Safe
         on a sandbox that holds none."""
 

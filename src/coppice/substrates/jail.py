@@ -36,7 +36,7 @@ from coppice.errors import (
     SandboxDied,
     SubstrateError,
 )
-from coppice.host import fs_freeze, mounts
+from coppice.host import fs_sync, mounts
 from coppice.host.processes import ProcessIdentity
 from coppice.host.sparse_files import copy_sparse
 from coppice.images.keys import generate_ed25519
@@ -524,8 +524,6 @@ class JailSubstrate:
 
     def _teardown(self, entry_id: str, keep_disk: bool) -> None:
         teardown = Teardown(entry_id)
-        # First: a writer held by a freeze cannot even be killed.
-        teardown.attempt("thaw disk", lambda: self._thaw_disk(entry_id))
         teardown.attempt("kill", lambda: self.cgroups.kill_all(entry_id))
         child = self._children.pop(entry_id)
         if child is not None:
@@ -555,8 +553,12 @@ class JailSubstrate:
     def snapshot(
         self, entry_id: str, handle: Handle | None, directory: Path, keep_memory: bool
     ) -> SnapshotArtifact:
-        """The entry's disk image, copied (sparse) while its processes are frozen and its
-        filesystem is frozen too: the copy is a clean ext4, whatever was being written."""
+        """The entry's disk image, copied (sparse) while its processes are frozen, once
+        syncfs has written out what they wrote. Nothing else writes to that filesystem (it
+        has no journal and no lazy inode-table init, see entry_disk_plan), so the copy is
+        the filesystem as it stands: e2fsck finds it clean. A freeze (FIFREEZE) promised
+        the same and cost 25-30 ms of a 38 ms snapshot, three RCU grace periods for its
+        write locks; syncfs costs about 4 ms for 10 MB written."""
         if keep_memory:
             raise NotSupportedOnSubstrate(
                 "a snapshot with memory", self.name, "snapshots of its files (memory=false)"
@@ -568,8 +570,8 @@ class JailSubstrate:
         try:
             if not was_frozen:
                 self.cgroups.freeze(entry_id)
-            with fs_freeze.frozen(self.entry_dir(entry_id)):
-                copy_sparse(self.disks.image(entry_id), target)
+            fs_sync.syncfs(self.entry_dir(entry_id))
+            copy_sparse(self.disks.image(entry_id), target)
         except OSError as exc:
             raise SubstrateError(f"cannot snapshot the disk of {entry_id}: {exc}") from exc
         finally:
@@ -602,18 +604,7 @@ class JailSubstrate:
         return self.disks.image(entry_id).exists()
 
     def end_capture(self, entry_id: str, handle: Handle | None) -> None:
-        self._thaw_disk(entry_id)
-        self.resume(entry_id, handle)
-
-    def _thaw_disk(self, entry_id: str) -> None:
-        """Undo a disk freeze that a process killed during `snapshot` left on: its writers
-        would wait for ever, and an unmount would leave its superblock (and loop device) held."""
-        entry_dir = self.entry_dir(entry_id)
-        if os.path.ismount(entry_dir):
-            try:
-                fs_freeze.thaw(entry_dir)
-            except OSError as exc:
-                raise SubstrateError(f"cannot thaw the disk of {entry_id}: {exc}") from exc
+        self.resume(entry_id, handle)  # a capture holds nothing but the freeze
 
     def delete_snapshot(self, directory: Path) -> None:
         rmtree_if_exists(directory)
