@@ -159,3 +159,23 @@ class RestartableGateway:
 
     def start(self) -> None:
         self.current = self._start()
+
+
+@contextmanager
+def restartable(
+    env: dict[str, str], log: Path, pools: dict[str, int], drain: Callable[[str], object]
+) -> Iterator[RestartableGateway]:
+    """A RestartableGateway keeping `pools` warm, the SDK pointed at whichever gateway runs;
+    the pools drained before and after, and the environment restored."""
+    for name in pools:
+        drain(name)
+    saved = dict(os.environ)
+    gws = RestartableGateway(env, log, pools)
+    try:
+        yield gws
+    finally:
+        gws.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+        for name in pools:
+            drain(name)

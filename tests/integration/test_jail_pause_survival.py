@@ -8,7 +8,6 @@ way the sandbox keeps its id, and `connect` resumes it on its files."""
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,18 +19,10 @@ from coppice.lifecycle import State
 from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
 
-from .gateway_process import RestartableGateway, wait_for
+from .gateway_process import RestartableGateway, restartable, wait_for
+from .kept_state import BACKGROUND, CHECK, STILL_RUNNING, WRITE
 
 pytestmark = pytest.mark.integration
-
-WRITE = (
-    "head -c 10000000 /dev/urandom > /home/user/blob && sha256sum /home/user/blob | cut -c1-64"
-    " > /home/user/blob.sum && echo kept > /home/user/note"
-)
-CHECK = "sha256sum /home/user/blob | cut -c1-64 | cmp - /home/user/blob.sum && cat /home/user/note"
-#: a process that only memory keeps: nothing on disk would start it again
-BACKGROUND = "setsid sleep 100000 </dev/null >/dev/null 2>&1 &"
-STILL_RUNNING = "pgrep -x sleep >/dev/null && echo running || echo gone"
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +32,10 @@ def gateways(
     controller: PoolController,
     instance_dir: Path,
 ) -> Iterator[RestartableGateway]:
-    controller.drain(base_template.name)
-    saved = dict(os.environ)
-    gws = RestartableGateway(
-        cli_env, instance_dir / "gateway-jail-pauses.log", {base_template.name: 1}
-    )
-    try:
+    with restartable(
+        cli_env, instance_dir / "gateway-jail-pauses.log", {base_template.name: 1}, controller.drain
+    ) as gws:
         yield gws
-    finally:
-        gws.stop()
-        os.environ.clear()
-        os.environ.update(saved)
-        controller.drain(base_template.name)
 
 
 def _simulate_reboot(controller: PoolController) -> None:

@@ -12,14 +12,9 @@ from e2b import Sandbox
 from coppice.pool.controller import PoolController
 
 from .gateway_process import GatewayProcess
+from .kept_state import CHECK, WRITE
 
 pytestmark = pytest.mark.integration
-
-WRITE = (
-    "head -c 10000000 /dev/urandom > /home/user/blob && sha256sum /home/user/blob | cut -c1-64"
-    " > /home/user/blob.sum && echo kept > /home/user/note"
-)
-CHECK = "sha256sum /home/user/blob | cut -c1-64 | cmp - /home/user/blob.sum && cat /home/user/note"
 
 
 def _identity(sbx: Sandbox) -> tuple[str, str]:
@@ -53,16 +48,17 @@ def test_snapshot_then_sandboxes_from_it_hold_its_files(gateway: GatewayProcess)
             sbx.kill()
 
 
-def test_fork_gives_copies_with_their_own_identity(gateway: GatewayProcess) -> None:
+@pytest.mark.parametrize("count", [1, 5])
+def test_fork_gives_copies_with_their_own_identity(gateway: GatewayProcess, count: int) -> None:
     source = Sandbox.create()
     forks: list[Sandbox] = []
     try:
         source.commands.run(WRITE)
-        results = source.fork(count=3)
+        results = source.fork(count=count)
         forks = [f for f in results if isinstance(f, Sandbox)]
-        assert len(forks) == 3, results
-        assert len({f.sandbox_id for f in forks} | {source.sandbox_id}) == 4
-        assert len({_identity(s) for s in [source, *forks]}) == 4
+        assert len(forks) == count, results
+        assert len({f.sandbox_id for f in forks} | {source.sandbox_id}) == count + 1
+        assert len({_identity(s) for s in [source, *forks]}) == count + 1
         for f in forks:
             assert f.commands.run(CHECK).stdout == "kept\n"
         assert source.commands.run(CHECK).stdout == "kept\n"  # still running, untouched

@@ -22,18 +22,10 @@ from coppice.pool.controller import PoolController
 from coppice.store.records import TemplateRecord
 from coppice.substrates.vm import VmSubstrate
 
-from .gateway_process import RestartableGateway, wait_for
+from .gateway_process import RestartableGateway, restartable, wait_for
+from .kept_state import BACKGROUND, CHECK, STILL_RUNNING, WRITE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-WRITE = (
-    "head -c 10000000 /dev/urandom > /home/user/blob && sha256sum /home/user/blob | cut -c1-64"
-    " > /home/user/blob.sum && echo kept > /home/user/note"
-)
-CHECK = "sha256sum /home/user/blob | cut -c1-64 | cmp - /home/user/blob.sum && cat /home/user/note"
-#: a process that only memory keeps: nothing on disk would start it again
-BACKGROUND = "setsid sleep 100000 </dev/null >/dev/null 2>&1 &"
-STILL_RUNNING = "pgrep -x sleep >/dev/null && echo running || echo gone"
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +35,10 @@ def gateways(
     controller: PoolController,
     instance_dir: Path,
 ) -> Iterator[RestartableGateway]:
-    controller.drain(vm_template.name)
-    saved = dict(os.environ)
-    gws = RestartableGateway(
-        cli_env, instance_dir / "gateway-vm-snapshots.log", {vm_template.name: 1}
-    )
-    try:
+    with restartable(
+        cli_env, instance_dir / "gateway-vm-snapshots.log", {vm_template.name: 1}, controller.drain
+    ) as gws:
         yield gws
-    finally:
-        gws.stop()
-        os.environ.clear()
-        os.environ.update(saved)
-        controller.drain(vm_template.name)
 
 
 def _identity(sbx: Sandbox) -> tuple[str, str]:
