@@ -227,6 +227,7 @@ class GoldenSnapshots:
         work = self.root / f".{key}.tmp-{os.getpid()}"
         run = self.run_root / key
         ram = self.ram_file(key)
+        self._end_orphaned_boots()
         for stale in (work, run):
             shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(parents=True)
@@ -271,6 +272,28 @@ class GoldenSnapshots:
                 ram.unlink(missing_ok=True)
             if self.run_root.is_dir() and not any(self.run_root.iterdir()):
                 self.run_root.rmdir()
+
+    def end_orphaned_boots(self) -> None:
+        """End golden boots whose builder died, unless a boot is under way now (its lock
+        is held): a gateway stopped mid-boot leaves its QEMU running, holding the golden
+        tap and address."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            try:
+                self._end_orphaned_boots()
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _end_orphaned_boots(self) -> None:
+        # Under the lock no boot is in progress: a QEMU still using the goldens' run
+        # directory is one whose builder died.
+        for ident, _ in qemu_process.processes_under(self.run_root).values():
+            log.warning("ending golden boot %d left by a builder that died", ident.pid)
+            qemu_process.kill_and_wait(ident, None)
 
     def _boot_with_retry(
         self,
