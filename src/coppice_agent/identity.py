@@ -5,9 +5,7 @@ golden VM's address, MAC, hostname, clock, random state and SSH host key. The ho
 JSON line per clone to the port named `coppice.identity`; this thread applies it and answers
 `{"ok": true}` (or `{"ok": false, "error": ...}`). A `{"ping": true}` line is answered without
 changing anything: the host uses it on the golden VM to know this thread is waiting in read()
-when the snapshot is taken, so that a clone wakes on the first byte instead of a sleep. A
-`{"sync": true}` line writes the guest's page cache out to its disks (before a files-only
-pause ends the VM).
+when the snapshot is taken, so that a clone wakes on the first byte instead of a sleep.
 
 Only VMs have the port (see `find_port`); jails never start this thread.
 """
@@ -233,11 +231,6 @@ def answer(line: bytes, applier: IdentityApplier) -> dict[str, Any]:
         if not isinstance(msg, dict):
             raise IdentityError("identity must be a JSON object")
         if msg.get("ping"):
-            return {"ok": True}
-        if msg.get("sync"):
-            # A files-only pause: what the guest's page cache holds reaches its disk
-            # before the host ends the VM.
-            os.sync()
             return {"ok": True}
         applier.apply(Identity.from_message(msg))
         return {"ok": True}

@@ -186,18 +186,6 @@ def test_a_files_only_pause_past_the_budget_is_refused_and_keeps_running(
     assert pool.fake.sandboxes[source.id].alive
 
 
-def test_a_files_only_pause_whose_writes_cannot_be_flushed_is_refused_and_keeps_running(
-    pool: FakePool,
-) -> None:
-    source = running(pool)
-    pool.fake.failing_flushes = 1
-    with pytest.raises(NotSupportedOnSubstrate):
-        pool.controller.pause_files_entry(source.id)
-    assert pool.store.get(source.id).state is State.IN_USE
-    assert pool.fake.sandboxes[source.id].alive
-    assert "stop_processes" not in pool.fake.calls_for(source.id)
-
-
 # -- reconcile ------------------------------------------------------------------------------------
 
 

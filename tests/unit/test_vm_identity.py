@@ -69,11 +69,6 @@ def test_malformed_identities_are_refused(field: str, value: str) -> None:
         Identity.from_message(msg)
 
 
-def test_sync_writes_out_and_applies_nothing(tmp_path: Path) -> None:
-    assert answer(b'{"sync": true}', IdentityApplier(tmp_path)) == {"ok": True}
-    assert not any(tmp_path.iterdir())
-
-
 def test_ping_is_answered_without_applying(tmp_path: Path) -> None:
     assert answer(b'{"ping": true}', IdentityApplier(tmp_path)) == {"ok": True}
 

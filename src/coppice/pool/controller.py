@@ -341,7 +341,6 @@ class PoolController:
         if not sub.persistence.files_only_pause:
             # Refused before the store moves: the sandbox keeps running as it was.
             raise files_only_pause_refused(sub.name)
-        sub.flush_files(entry.id, entry.handle)
         kept = sub.footprint(entry.id, entry.handle, keep_memory=False)
         budget = self.settings.snapshot_disk_mb * MB
         applied = self.store.pause_kept(entry_id, Event.PAUSE_FILES, kept, budget)

@@ -188,12 +188,6 @@ class Substrate(Protocol):
         depend on the artifact afterwards (copy or reflink it): a snapshot can be deleted
         while its sandboxes run, and a fork's artifact is deleted once its forks are up."""
 
-    def flush_files(self, entry_id: str, handle: Handle | None) -> None:
-        """Before a files-only pause, while nothing has changed yet: what the running
-        sandbox wrote reaches its disk (a VM's guest writes out its page cache). Raises a
-        CoppiceError naming the fix where it cannot, so that the pause is refused rather
-        than losing the sandbox's latest writes."""
-
     def stop_processes(self, entry_id: str, handle: Handle | None) -> None:
         """End every process of the sandbox and keep its files (its writable layer, its
         disk) where they are, releasing its memory; the address stays reserved. What is kept

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from coppice.config import NetworkSettings, Settings
 from coppice.egress_policy import EgressPolicy
-from coppice.errors import NotSupportedOnSubstrate, SandboxDied, SandboxNotReady, SubstrateError
+from coppice.errors import SandboxDied, SandboxNotReady, SubstrateError
 from coppice.resource_usage import ResourceUsage
 from coppice.substrates.base import (
     AGENT_PORT,
@@ -109,8 +109,6 @@ class FakeSubstrate:
     failing_snapshots: int = 0
     #: processes starts (a resume from a files-only pause) still to fail
     failing_starts: int = 0
-    #: flushes before a files-only pause still to refuse (a VM guest that cannot write out)
-    failing_flushes: int = 0
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -271,14 +269,6 @@ class FakeSubstrate:
         with self._lock:
             found = self.sandboxes.get(entry_id)
         return found is not None and found.files_on_disk
-
-    def flush_files(self, entry_id: str, handle: Handle | None) -> None:
-        self._record("flush_files", entry_id)
-        self._sandbox(entry_id, running=True)
-        with self._lock:
-            if self.failing_flushes > 0:
-                self.failing_flushes -= 1
-                raise NotSupportedOnSubstrate("a files-only pause of this sandbox", self.name)
 
     def end_capture(self, entry_id: str, handle: Handle | None) -> None:
         self._record("end_capture", entry_id)

@@ -587,9 +587,6 @@ class JailSubstrate:
             spec, lambda entry_dir: self.disks.create_from(spec.entry_id, image, entry_dir)
         )
 
-    def flush_files(self, entry_id: str, handle: Handle | None) -> None:
-        pass  # a jail writes through the host's kernel, whose page cache outlives it
-
     def stop_processes(self, entry_id: str, handle: Handle | None) -> None:
         """Everything of the entry goes but its disk image (in state_dir, so it outlives a
         reboot); `start_processes` mounts it again."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import subprocess
 import time
 from collections.abc import Callable
@@ -71,17 +70,15 @@ from coppice.substrates.qemu_cmdline import (
     qemu_argv,
 )
 from coppice.substrates.qmp_channel import QmpChannel
+from coppice.substrates.snapshots_not_yet import files_only_pause_refused
 from coppice.substrates.teardown import Teardown, rmtree_if_exists
 from coppice.substrates.vm_disk import (
     WritableDisks,
     allocated_bytes,
     copy_disk,
     writable_disk_bytes,
-    write_through,
 )
 from coppice.substrates.vm_usage import read_usage, saved_memory_bound
-
-log = logging.getLogger("coppice.vm")
 
 REQUIRED_TOOLS = {
     "qemu-system-x86_64": "qemu-system-x86",
@@ -92,10 +89,6 @@ REQUIRED_TOOLS = {
 IDENTITY_TIMEOUT_S = 30.0
 #: how long a ready guest may finish its background work before it is paused into the pool
 SETTLE_TIMEOUT_S = 5.0
-#: how long the guest may take to write out its page cache before a files-only pause
-SYNC_TIMEOUT_S = 20.0
-#: the same, as the processes stop: what was written since, or a guest that never came up
-STOP_SYNC_TIMEOUT_S = 5.0
 #: TCG translation cache per clone (QEMU flushes it whole when full). A warm clone has
 #: translated ~40 MB by the time it is paused, most of its private memory; at 32 MB the
 #: cache was flushed during warm-up and the first answer after checkout took 40-60 ms
@@ -112,7 +105,7 @@ class VmSubstrate:
     #: a VM's memory and devices go to a file (as the golden snapshot's do), which a host
     #: reboot leaves on disk
     persistence = Persistence(
-        memory_in_snapshots=True, memory_pause_survives_reboot=True, files_only_pause=True
+        memory_in_snapshots=True, memory_pause_survives_reboot=True, files_only_pause=False
     )
 
     def __init__(self, settings: Settings) -> None:
@@ -221,10 +214,8 @@ class VmSubstrate:
         memory_mb: int,
         disk: Path,
         ram_file: Path | None,
-        boot: bool = False,
     ) -> tuple[MachineSpec, subprocess.Popen[bytes]]:
-        """Start the entry's QEMU on its disk and tap, waiting for a state to load (or, with
-        `boot`, booting the template's kernel, its identity on the kernel command line)."""
+        """Start the entry's QEMU on its disk and tap, waiting for a state to load."""
         entry_dir = self.entry_dir(spec.entry_id)
         tap = entry_tap_name(spec.entry_id)
         self.taps.create(tap)
@@ -251,7 +242,7 @@ class VmSubstrate:
                 spec.limits.disk_mb,
                 spec.entry_id,
             ),
-            incoming=not boot,
+            incoming=True,
             tb_size_mb=TB_SIZE_MB,
         )
         proc = qemu_process.launch(qemu_argv(machine), entry_dir / "qemu.log")
@@ -334,9 +325,6 @@ class VmSubstrate:
         return restored
 
     def wait_ready(self, spec: SpawnSpec, handle: Handle, timeout_s: float) -> None:
-        if handle.driver.get("booted"):
-            # A boot, not a restore: as long as the golden's boot may take.
-            timeout_s = max(timeout_s, self.goldens.boot_timeout_s)
         readiness.wait_until_answering(
             spec.entry_id,
             spec.ip,
@@ -474,86 +462,10 @@ class VmSubstrate:
         return VmImage.of(spec.template)
 
     def stop_processes(self, entry_id: str, handle: Handle | None) -> None:
-        """The guest writes out its page cache, QEMU ends (with its tap and run directory),
-        and its disk stays in state_dir with a backing of its own (a rebuilt template or a
-        reboot removes the golden's); `start_processes` boots the template on it."""
-        if handle is None:
-            return
-        if handle.head is not None and handle.head.identity.is_running():
-            # Again (flush_files ran before the pause was decided), for what was written
-            # since; a guest that does not answer now (one that never came up) is ended.
-            reply = self._sync_guest(entry_id, STOP_SYNC_TIMEOUT_S)
-            if not reply.get("ok"):
-                log.warning("entry %s ends without writing out its page cache: %s", entry_id, reply)
-            with contextlib.suppress(SubstrateError):
-                self._execute(entry_id, "stop")  # QEMU writes out its own disk caches
-        # QEMU first: it holds its disk's write lock until it ends.
-        self._end_processes(entry_id, handle)
-        base = self._own_base(entry_id, handle)
-        # Written through to the host's disk: a power cut must not take what a pause kept.
-        for path in (self.disks.path(entry_id), base):
-            write_through(path)
-
-    def _own_base(self, entry_id: str, handle: Handle | None) -> Path:
-        """The entry's disk on a base of its own (see WritableDisks.make_own), made now from
-        the golden's if an earlier stop did not get that far."""
-        base = self.disks.own_base(entry_id)
-        if base.is_file():
-            return base
-        recorded = handle.driver.get("disk_backing") if handle is not None else None
-        if recorded is None or not Path(str(recorded)).is_file():
-            raise SandboxDied(entry_id, "the disk its kept disk was made on is gone")
-        return self.disks.make_own(entry_id, Path(str(recorded)))
-
-    def flush_files(self, entry_id: str, handle: Handle | None) -> None:
-        reply = self._sync_guest(entry_id, SYNC_TIMEOUT_S)
-        if not reply.get("ok"):
-            raise NotSupportedOnSubstrate(
-                "a files-only pause of this sandbox",
-                self.name,
-                f"its guest did not write out its page cache ({reply.get('error', reply)}); "
-                "a template built before VMs had files-only pauses has an agent that does "
-                "not know the request: rebuild the template, or pause with memory",
-            )
-
-    def _sync_guest(self, entry_id: str, timeout_s: float) -> dict[str, Any]:
-        """Ask the guest, through its identity port, to write what its page cache holds to
-        its disk; its answer."""
-        try:
-            port = IdentityPort.connect(str(self.entry_dir(entry_id) / "identity.sock"))
-            try:
-                return port.request({"sync": True}, timeout_s=timeout_s)
-            finally:
-                port.close()
-        except SubstrateError as exc:
-            return {"ok": False, "error": str(exc)}
+        raise files_only_pause_refused(self.name)
 
     def start_processes(self, spec: SpawnSpec, handle: Handle | None) -> Handle:
-        """Boot the template's kernel on the kept disk: a fresh boot of its start-up, with
-        the sandbox's address, MAC and hostname; its files (its SSH host key among them)
-        are on the disk. Under TCG this is the golden boot's time, seconds, not a restore."""
-        disk = self.disks.path(spec.entry_id)
-        if not disk.is_file():
-            raise SandboxDied(spec.entry_id, "its kept disk is gone")
-        base = self._own_base(spec.entry_id, handle)
-        before = dict(handle.driver) if handle is not None else {}
-        entry_dir = self.entry_dir(spec.entry_id)
-        rmtree_if_exists(entry_dir)  # what a reboot or a crash left
-        self.taps.remove(entry_tap_name(spec.entry_id))
-        self._make_entry_dir(spec.entry_id)
-        memory_mb = int(before.get("memory_mb", spec.limits.memory_mb))
-        machine, proc = self._launch(
-            spec, VmImage.of(spec.template), self.accel, memory_mb, disk, None, boot=True
-        )
-        own = self._own(spec, machine, proc) | {
-            "disk_bytes": int(before.get("disk_bytes", writable_disk_bytes(spec.limits.disk_mb))),
-            "disk_backing": str(base),
-            "ram_file": OWN_RAM_MAPPING,
-            "booted": True,
-        }
-        ident = ProcessIdentity.of(proc.pid)
-        head = HeadProcess(proc.pid, ident.start_time) if ident else None
-        return Handle(head=head, detail=machine.accel, driver=own)
+        raise NotSupportedOnSubstrate("resuming a files-only pause", self.name)
 
     def has_files(self, entry_id: str, handle: Handle | None) -> bool:
         return self.disks.path(entry_id).exists()

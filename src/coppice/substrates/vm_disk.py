@@ -25,7 +25,6 @@ brings them level with raw (190-290 MB/s), so that is the format.
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -220,17 +219,11 @@ class WritableDisks:
         tmp.unlink(missing_ok=True)
         try:
             copy_sparse(backing, tmp)
-            # The overlay names its own base before that base exists under the name, so an
-            # existing base always means the overlay is on it; a crash in between is
-            # repaired by the next call, from `backing` again.
-            _run(rebase_argv(self.path(entry_id), base), base)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _host_error(exc, base) from exc
-        except SubstrateError:
-            tmp.unlink(missing_ok=True)
-            raise
         tmp.replace(base)
+        _run(rebase_argv(self.path(entry_id), base), base)
         return base
 
     def remove(self, entry_id: str) -> None:
@@ -252,18 +245,6 @@ class WritableDisks:
     def remove_root_if_empty(self) -> None:
         if self.root.is_dir() and not any(self.root.iterdir()):
             self.root.rmdir()
-
-
-def write_through(path: Path) -> None:
-    """The file's data on the host's disk, not only in its page cache (fsync)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise _host_error(exc, path) from exc
 
 
 def _host_error(exc: OSError, path: Path) -> Exception:
