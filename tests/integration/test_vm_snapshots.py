@@ -70,6 +70,18 @@ def test_a_vm_snapshot_keeps_memory_and_files(
                 sbx.kill()
 
 
+def test_a_files_only_vm_snapshot_is_refused_by_name(
+    gateways: RestartableGateway, vm_template: TemplateRecord
+) -> None:
+    source = Sandbox.create(template=vm_template.name)
+    try:
+        with pytest.raises(Exception, match="snapshot without memory"):
+            source.create_snapshot(mode="filesystem")
+        assert source.commands.run("echo still").stdout == "still\n"
+    finally:
+        source.kill()
+
+
 @pytest.mark.parametrize("count", [1, 5])
 def test_vm_forks_have_the_source_s_memory_and_their_own_identity(
     gateways: RestartableGateway, vm_template: TemplateRecord, count: int

@@ -156,6 +156,7 @@ class VmSubstrate:
         self.egress.ensure()
         self.vm_dir.mkdir(parents=True, exist_ok=True)
         self.disks.root.mkdir(parents=True, exist_ok=True)
+        self.goldens.end_orphaned_boots()
 
     def teardown_host(self) -> None:
         self.egress.remove()

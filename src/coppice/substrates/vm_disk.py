@@ -219,11 +219,17 @@ class WritableDisks:
         tmp.unlink(missing_ok=True)
         try:
             copy_sparse(backing, tmp)
+            # The overlay names its own base before that base exists under the name, so an
+            # existing base always means the overlay is on it; a crash in between is
+            # repaired by the next call, from `backing` again.
+            _run(rebase_argv(self.path(entry_id), base), base)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise _host_error(exc, base) from exc
+        except SubstrateError:
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(base)
-        _run(rebase_argv(self.path(entry_id), base), base)
         return base
 
     def remove(self, entry_id: str) -> None:
