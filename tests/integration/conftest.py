@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,11 +61,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(skip)
 
 
+#: the instance directory, once made: a failed test's report shows its gateways' last lines
+_INSTANCE_DIR: list[Path] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and _INSTANCE_DIR:
+        # The instance (and its logs) is deleted at the session's end: CI keeps only this.
+        recent = time.time() - 900
+        for log in sorted(_INSTANCE_DIR[0].glob("gateway*.log")):
+            if log.stat().st_mtime > recent:
+                tail = log.read_text(errors="replace").splitlines()[-40:]
+                report.sections.append((f"last lines of {log.name}", "\n".join(tail)))
+    return report
+
+
 @pytest.fixture(scope="session")
 def instance_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="coppice-it-", dir="/var/tmp"))
     # As /var/lib is: build sandboxes (unprivileged ids) read staged files below it.
     path.chmod(0o755)
+    _INSTANCE_DIR.append(path)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

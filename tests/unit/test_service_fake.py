@@ -208,3 +208,13 @@ def test_a_template_that_cannot_warm_is_retried_later_and_later(tmp_path: Path) 
         assert svc.keeper.backoff_s(TEMPLATE) == 0.0
     finally:
         svc.keeper.stop()
+
+
+def test_a_connect_that_loses_a_race_to_wake_answers_the_running_sandbox(svc: Service) -> None:
+    svc.pool.controller.warm(TEMPLATE, 1)
+    handed, _ = svc.service.create(_request(), tenant(), None)
+    svc.service.pause(tenant(), handed.sandbox.id)
+    stale = svc.service.get(tenant(), handed.sandbox.id)  # seen paused by this request
+    svc.service.connect(tenant(), handed.sandbox.id, None)  # another request wakes it
+    woken = svc.service._wake(stale, None)
+    assert woken.sandbox.id == handed.sandbox.id and woken.entry.state is State.IN_USE

@@ -412,8 +412,19 @@ class SandboxService:
             )
         try:
             self.controller.resume_entry(sandbox_id)
-        except (EntryNotFound, IllegalTransition):
+        except EntryNotFound:
             raise SandboxNotFound(sandbox_id) from None
+        except IllegalTransition:
+            # Another request (a connect, traffic auto-resuming it) woke it first: what this
+            # caller asked for has happened, so answer as if this one had done it.
+            now = self.store.get_sandbox(sandbox_id)
+            if now is None:
+                raise SandboxNotFound(sandbox_id) from None
+            if now.entry.state is not State.IN_USE:
+                raise Conflict(
+                    f"sandbox {sandbox_id} is {now.entry.state.value.replace('_', ' ')}; "
+                    "connect again once that is done"
+                ) from None
         except SandboxDied:
             # Found dead by this resume, which recorded why: answer as a GET now would.
             self.keeper.notices.ended(sandbox_id)

@@ -602,8 +602,15 @@ class VmSubstrate:
             channel.close()
 
     def is_alive(self, entry_id: str, handle: Handle | None) -> bool:
-        if handle is not None and "suspended" in handle.driver:
-            return Path(str(handle.driver["suspended"])).is_file()
+        # Memory on disk is a live sandbox without a QEMU. A suspension writes it before its
+        # QEMU ends, and a wake removes it once the new QEMU runs, but the handle that says
+        # which is stored only after either: the file and our own running child answer for
+        # those moments (the keeper had buried a sandbox seen between the two).
+        if self.saved_state(entry_id).is_file():
+            return True
+        child = self._children.get(entry_id)
+        if child is not None and child.poll() is None:
+            return True
         return self._children.head_alive(entry_id, handle)
 
     def destroy(self, entry_id: str, handle: Handle | None) -> None:
