@@ -44,13 +44,6 @@ def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000
 
 
-def pss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def respawn(c: PoolController, template: TemplateRecord) -> float:
     entry = c.checkout(template.name)
     _write_into(c, entry)

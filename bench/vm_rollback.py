@@ -12,6 +12,8 @@ from coppice.store.records import TemplateRecord
 from coppice.substrates.identity_port import IdentityPort
 from coppice.substrates.qmp_channel import QmpChannel
 from coppice.substrates.vm import IDENTITY_TIMEOUT_S, VmSubstrate
+from latency_stats import percentiles
+from vm_bench import pss_mb
 
 TAG = "clean"
 
@@ -47,8 +49,6 @@ class VmInPlace:
         self.pss_fresh: list[float] = []
 
     def measure(self, c: PoolController, template: TemplateRecord) -> float:
-        from rollback_bench import pss_mb
-
         entry = c.checkout(template.name)
         assert entry.handle is not None and entry.handle.head is not None
         pid = entry.handle.head.pid
@@ -81,8 +81,6 @@ class VmInPlace:
         return took
 
     def memory(self) -> dict[str, Any]:
-        from latency_stats import percentiles
-
         return {
             "PSS of a fresh clone, checked out (MB)": percentiles(self.pss_fresh),
             "PSS after an in-place rollback (MB)": percentiles(self.pss_after),

@@ -557,8 +557,8 @@ class JailSubstrate:
         syncfs has written out what they wrote. Nothing else writes to that filesystem (it
         has no journal and no lazy inode-table init, see entry_disk_plan), so the copy is
         the filesystem as it stands: e2fsck finds it clean. A freeze (FIFREEZE) promised
-        the same and cost 25-30 ms of a 38 ms snapshot, three RCU grace periods for its
-        write locks; syncfs costs about 4 ms for 10 MB written."""
+        the same at three times the cost, three RCU grace periods for its write locks
+        (bench/jail_capture_bench.py measures both)."""
         if keep_memory:
             raise NotSupportedOnSubstrate(
                 "a snapshot with memory", self.name, "snapshots of its files (memory=false)"
